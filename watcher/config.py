@@ -1,0 +1,276 @@
+"""The TOML configuration: frozen dataclasses, validated on load; every error names its key."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rules.model import RuleError, validate_chain_name
+from watcher.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "Config",
+    "FirewallConfig",
+    "LogConfig",
+    "ProbeConfig",
+    "ServiceConfig",
+    "StateConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/sslvpn-heartbeat/config.toml")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What service is watched: its PID file, its port, optionally its process name."""
+
+    name: str = "novell-sslvpn"
+    pid_file: Path = Path("/run/novell-sslvpn.pid")
+    port: int = 8080
+    process_name: str = ""  # empty: any process the PID file names
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the verification probe runs and how many results make a transition."""
+
+    timeout_ms: int = 1000
+    interval_s: float = 5.0
+    rise: int = 2
+    fall: int = 2
+    rise_interval_ms: int = 250
+    http_path: str = ""  # empty: TCP connect only
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    """The chain the agent owns and how it is written."""
+
+    chain: str = "sslvpn-heartbeat-chain"
+    backend: str = "auto"  # auto | restore | iptc
+    ipv6: bool = True
+    on_exit: str = "open"  # open | keep | remove
+    reject_with: str = "icmp-port-unreachable"  # or tcp-reset
+    lock_wait_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where the JSON events go."""
+
+    format: str = "json"  # json | console
+    level: str = "info"
+    file: str = ""  # empty: no file sink
+    syslog: bool = False
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the admin block survives restarts."""
+
+    dir: Path = Path("/var/lib/sslvpn-heartbeat")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; defaults match the original product's manual page."""
+
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+
+
+T = TypeVar("T")
+Check = Callable[[str, Any], Any]
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(key: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(key, f"must be an integer, got {type(v).__name__} {v!r}")
+        if not lo <= v <= hi:
+            raise ConfigError(key, f"must be between {lo} and {hi}, got {v}")
+        return v
+
+    return check
+
+
+def _float(lo: float, hi: float) -> Check:
+    def check(key: str, v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(key, f"must be a number, got {type(v).__name__} {v!r}")
+        if not lo <= float(v) <= hi:
+            raise ConfigError(key, f"must be between {lo:g} and {hi:g}, got {v}")
+        return float(v)
+
+    return check
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"must be true or false, got {v!r}")
+    return v
+
+
+def _choice(*choices: str) -> Check:
+    def check(key: str, v: Any) -> str:
+        if v not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(choices)}, got {v!r}")
+        return str(v)
+
+    return check
+
+
+def _str(max_len: int, pattern_ok: Callable[[str], bool] | None = None, what: str = "") -> Check:
+    def check(key: str, v: Any) -> str:
+        if not isinstance(v, str):
+            raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+        if len(v) > max_len:
+            raise ConfigError(key, f"must be at most {max_len} characters")
+        if "\x00" in v or "\n" in v:
+            raise ConfigError(key, "must not contain NUL or newline")
+        if pattern_ok is not None and v and not pattern_ok(v):
+            raise ConfigError(key, f"must be {what}, got {v!r}")
+        return v
+
+    return check
+
+
+def _abs_path(key: str, v: Any) -> Path:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(key, f"must be a non-empty path string, got {v!r}")
+    if not v.startswith("/"):
+        raise ConfigError(key, f"must be an absolute path, got {v!r}")
+    if "\x00" in v or "\n" in v or len(v) > 4096:
+        raise ConfigError(key, "is not a usable path")
+    p = Path(v)
+    if p.name in ("", ".", ".."):
+        raise ConfigError(key, f"must name a file or directory, got {v!r}")
+    return p
+
+
+def _chain(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {v!r}")
+    try:
+        validate_chain_name(v)
+    except RuleError as exc:
+        raise ConfigError(key, str(exc)) from None
+    return v
+
+
+def _service_name_ok(s: str) -> bool:
+    return all(c.isalnum() or c in "-_.@" for c in s)
+
+
+SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
+    "service": (
+        ServiceConfig,
+        {
+            "name": _str(64, _service_name_ok, "letters, digits and -_.@"),
+            "pid_file": _abs_path,
+            "port": _int(1, 65535),
+            "process_name": _str(255, lambda s: "/" not in s, "a name without '/'"),
+        },
+    ),
+    "probe": (
+        ProbeConfig,
+        {
+            "timeout_ms": _int(10, 60_000),
+            "interval_s": _float(0.05, 3600.0),
+            "rise": _int(1, 100),
+            "fall": _int(1, 100),
+            "rise_interval_ms": _int(0, 60_000),
+            "http_path": _str(
+                1024,
+                lambda s: s.startswith("/") and s.isprintable() and " " not in s,
+                "an absolute URL path",
+            ),
+            "tls": _bool,
+        },
+    ),
+    "firewall": (
+        FirewallConfig,
+        {
+            "chain": _chain,
+            "backend": _choice("auto", "restore", "iptc"),
+            "ipv6": _bool,
+            "on_exit": _choice("open", "keep", "remove"),
+            "reject_with": _choice("icmp-port-unreachable", "tcp-reset"),
+            "lock_wait_s": _float(0.0, 300.0),
+        },
+    ),
+    "log": (
+        LogConfig,
+        {
+            "format": _choice("json", "console"),
+            "level": _choice("debug", "info", "warning", "error"),
+            "file": _str(4096, lambda s: s.startswith("/"), "an absolute path"),
+            "syslog": _bool,
+        },
+    ),
+    "state": (StateConfig, {"dir": _abs_path}),
+}
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Build a Config from parsed TOML; unknown sections or keys and bad values raise ConfigError."""
+    sections: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in SCHEMA:
+            raise ConfigError(section, f"unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(body, Mapping):
+            raise ConfigError(section, "must be a table, e.g. [" + section + "]")
+        cls, checks = SCHEMA[section]
+        values: dict[str, Any] = {}
+        for key, value in body.items():
+            full = f"{section}.{key}"
+            if key not in checks:
+                raise ConfigError(full, f"unknown key (known: {', '.join(checks)})")
+            values[key] = checks[key](full, value)
+        sections[section] = cls(**values)
+    cfg = Config(**sections)
+    if cfg.probe.rise_interval_ms > cfg.probe.interval_s * 1000 * 10:
+        raise ConfigError("probe.rise_interval_ms", "must not exceed ten safety-net intervals")
+    return cfg
+
+
+def load_config(path: Path, *, missing_ok: bool = False) -> Config:
+    """Read and validate the TOML file at ``path``; ``missing_ok`` gives defaults for an absent file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        if missing_ok:
+            return Config()
+        raise ConfigError("", f"{path}: no such configuration file") from None
+    except OSError as exc:
+        raise ConfigError("", f"{path}: cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError("", f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path}: TOML syntax error: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, f"{exc.problem} (in {path})") from None
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of ``cfg`` with whole sections replaced (for tests and reloads)."""
+    return dataclasses.replace(cfg, **sections)
