@@ -1,0 +1,118 @@
+"""The Backend protocol, the command runner, and detection of the system's iptables flavour."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from rules.errors import BackendUnavailable
+from rules.model import Family
+from rules.render import Plan, TableState
+
+__all__ = [
+    "Backend",
+    "CommandResult",
+    "Runner",
+    "SubprocessRunner",
+    "Tools",
+    "detect_tools",
+]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a finished command returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Runner(Protocol):
+    """Runs an argument list (never a shell string) and returns its result."""
+
+    def __call__(
+        self, argv: Sequence[str], *, input: str | None = None, timeout: float = 30.0
+    ) -> CommandResult:
+        """Run ``argv`` to completion."""
+        ...
+
+
+class SubprocessRunner:
+    """The real runner: subprocess with an argument list, output captured, C locale."""
+
+    def __call__(
+        self, argv: Sequence[str], *, input: str | None = None, timeout: float = 30.0
+    ) -> CommandResult:
+        """Run ``argv``; a missing program becomes BackendUnavailable, never a traceback."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+        try:
+            p = subprocess.run(
+                list(argv), input=input, capture_output=True, text=True, timeout=timeout,
+                env=env, check=False,
+            )
+        except FileNotFoundError:
+            raise BackendUnavailable(f"{argv[0]}: not installed (install Debian's iptables)") from None
+        except PermissionError as exc:
+            raise BackendUnavailable(f"{argv[0]}: cannot execute: {exc.strerror}") from None
+        return CommandResult(p.returncode, p.stdout, p.stderr)
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The iptables programs of one family, all of the same flavour (nf_tables or legacy)."""
+
+    family: Family
+    flavour: str  # "nf_tables" or "legacy"
+    save: str
+    restore: str
+
+
+def detect_tools(family: Family, runner: Runner) -> Tools:
+    """Find the family's save/restore programs of the flavour that ``iptables`` on PATH is.
+
+    The flavour is read from ``iptables -V`` ("(nf_tables)" or "(legacy)"), not assumed.
+    Raises BackendUnavailable when the family's programs are missing.
+    """
+    prog = family.program
+    if shutil.which(prog) is None:
+        raise BackendUnavailable(f"{prog} not found on PATH")
+    res = runner([prog, "-V"], timeout=10)
+    if res.returncode != 0:
+        raise BackendUnavailable(f"{prog} -V failed: {res.stderr.strip() or res.stdout.strip()}")
+    flavour = "nf_tables" if "nf_tables" in res.stdout else "legacy"
+    # A bare "iptables" symlinked into PATH (tests, containers) decides; the plain
+    # save/restore beside it are the same flavour, so prefer those names.
+    save, restore = f"{prog}-save", f"{prog}-restore"
+    if shutil.which(save) is None or shutil.which(restore) is None:
+        short = "nft" if flavour == "nf_tables" else "legacy"
+        save, restore = f"{prog}-{short}-save", f"{prog}-{short}-restore"
+    if shutil.which(save) is None or shutil.which(restore) is None:
+        raise BackendUnavailable(f"{prog}-save/{prog}-restore not found")
+    return Tools(family, flavour, save, restore)
+
+
+class Backend(Protocol):
+    """Writes one transaction per family and reads the table back.
+
+    ``apply`` either commits the whole plan or changes nothing (raising TransactionFailed or
+    LockContention); ``read`` returns the table's state as the kernel holds it now.
+    """
+
+    name: str
+
+    def flavour(self, family: Family) -> str:
+        """The iptables flavour this backend writes for ``family``."""
+        ...
+
+    def read(self, family: Family, chain: str) -> TableState:
+        """The kernel's current state of ``chain`` and its jumps."""
+        ...
+
+    def apply(self, plan: Plan) -> None:
+        """Commit ``plan`` as one transaction."""
+        ...

@@ -1,0 +1,41 @@
+"""Errors of the rules package. Each carries the command's stderr where there was one."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailable",
+    "LockContention",
+    "ReadBackMismatch",
+    "RuleError",
+    "RulesError",
+    "TransactionFailed",
+]
+
+
+class RulesError(Exception):
+    """Base class of every error raised by this package."""
+
+
+class RuleError(RulesError, ValueError):
+    """A value cannot be turned into a rule: bad chain name, port or reject type."""
+
+
+class BackendUnavailable(RulesError):
+    """The chosen backend cannot work here (no iptables binary, iptc on nf_tables, no privilege)."""
+
+
+class TransactionFailed(RulesError):
+    """The kernel (through iptables-restore or libiptc) refused the transaction; nothing changed."""
+
+    def __init__(self, message: str, *, stderr: str = "", returncode: int | None = None) -> None:
+        self.stderr = stderr
+        self.returncode = returncode
+        super().__init__(f"{message}: {stderr.strip()}" if stderr.strip() else message)
+
+
+class LockContention(TransactionFailed):
+    """The xtables lock was held by another program past the wait bound (iptables exit code 4)."""
+
+
+class ReadBackMismatch(RulesError):
+    """The transaction was accepted but what the kernel holds afterwards is not what was asked."""

@@ -1,0 +1,153 @@
+"""The chain engine: read, plan, apply once per family, read back; retry lock contention.
+
+``Firewall`` is what the CLI and the daemon use. It owns one chain and its jump from INPUT, for
+IPv4 and (where the system has it) IPv6, and touches nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from rules.base import Backend
+from rules.errors import BackendUnavailable, LockContention, ReadBackMismatch, TransactionFailed
+from rules.model import ChainSpec, Family, Mode
+from rules.render import TableState, desired_state, plan_apply, plan_remove
+
+__all__ = ["ApplyReport", "EventLog", "Firewall"]
+
+
+class EventLog(Protocol):
+    """The logging surface the engine needs (a structlog bound logger fits)."""
+
+    def info(self, event: str, **kw: Any) -> Any:
+        """Log an event."""
+        ...
+
+    def warning(self, event: str, **kw: Any) -> Any:
+        """Log a warning event."""
+        ...
+
+
+class _Silent:
+    def info(self, event: str, **kw: Any) -> None:
+        pass
+
+    def warning(self, event: str, **kw: Any) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    """What one ensure()/remove() did: the families it changed and the transactions it took."""
+
+    changed: tuple[Family, ...]
+    transactions: int
+    retries: int
+    repaired: tuple[Family, ...] = ()
+
+
+class Firewall:
+    """Keeps our chain in the desired mode with exactly one jump at the top of INPUT."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        spec: ChainSpec,
+        *,
+        ipv6: bool = True,
+        log: EventLog | None = None,
+        attempts: int = 4,
+        backoff_s: float = 0.05,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.backend = backend
+        self.spec = spec
+        self._log: EventLog = log or _Silent()
+        self._attempts = attempts
+        self._backoff = backoff_s
+        self._sleep = sleep
+        self._want_v6 = ipv6
+        self._families: tuple[Family, ...] | None = None
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        """IPv4, plus IPv6 when configured and present (its absence is logged once)."""
+        if self._families is None:
+            fams = [Family.V4]
+            if self._want_v6:
+                try:
+                    self.backend.read(Family.V6, self.spec.name)
+                    fams.append(Family.V6)
+                except (BackendUnavailable, TransactionFailed) as exc:
+                    self._log.warning("ipv6-unavailable", reason=str(exc),
+                                      message="IPv6 chain skipped: ip6tables or kernel IPv6 missing")
+            self._families = tuple(fams)
+        return self._families
+
+    def read(self) -> dict[Family, TableState]:
+        """The kernel's state of our chain in each family."""
+        return {f: self.backend.read(f, self.spec.name) for f in self.families}
+
+    def ensure(self, mode: Mode, *, force: bool = False) -> ApplyReport:
+        """Make every family hold ``mode``: one transaction each where needed, then read back.
+
+        Raises ReadBackMismatch if the kernel then disagrees, LockContention when the xtables
+        lock stayed busy through every retry, TransactionFailed when iptables refused.
+        """
+        changed: list[Family] = []
+        repaired: list[Family] = []
+        tx = retries = 0
+        for fam in self.families:
+            want = desired_state(self.spec, fam, mode)
+            for attempt in range(self._attempts):
+                observed = self.backend.read(fam, self.spec.name)
+                plan = plan_apply(self.spec, fam, mode, observed, force=force)
+                if plan.is_noop:
+                    break
+                try:
+                    tx += 1
+                    self.backend.apply(plan)
+                    break
+                except (LockContention, TransactionFailed) as exc:
+                    # A failed transaction changed nothing; the table may have changed under us
+                    # (a stale -D), so the next attempt reads it again.
+                    if attempt + 1 >= self._attempts:
+                        raise
+                    retries += 1
+                    delay = self._backoff * (2**attempt)
+                    self._log.warning("apply-retry", family=str(fam), attempt=attempt + 1,
+                                      delay_s=delay, reason=str(exc))
+                    self._sleep(delay)
+            if plan.is_noop:
+                continue
+            after = self.backend.read(fam, self.spec.name)
+            if (after.chain_present, after.rules, after.jumps) != (
+                    want.chain_present, want.rules, want.jumps):
+                raise ReadBackMismatch(
+                    f"{fam}: after applying {mode}, the kernel holds rules={after.rules} "
+                    f"jumps={after.jumps}; expected rules={want.rules} jumps={want.jumps}"
+                )
+            changed.append(fam)
+            if observed.chain_present and observed.rules == want.rules:
+                repaired.append(fam)  # content was right: only the jump needed mending
+        return ApplyReport(tuple(changed), tx, retries, tuple(repaired))
+
+    def remove(self) -> ApplyReport:
+        """Delete our jumps and our chain in every family; read back that both are gone."""
+        changed: list[Family] = []
+        tx = 0
+        for fam in self.families:
+            observed = self.backend.read(fam, self.spec.name)
+            plan = plan_remove(self.spec, fam, observed)
+            if plan.is_noop:
+                continue
+            tx += 1
+            self.backend.apply(plan)
+            after = self.backend.read(fam, self.spec.name)
+            if after.chain_present or after.jumps:
+                raise ReadBackMismatch(f"{fam}: chain {self.spec.name} still present after removal")
+            changed.append(fam)
+        return ApplyReport(tuple(changed), tx, 0)

@@ -1,0 +1,192 @@
+"""Pure planning: observed table state + desired mode -> one iptables-restore transaction.
+
+Nothing here runs a command. ``parse_save`` reads ``iptables-save -t filter`` output,
+``plan_*`` decide the smallest transaction that brings the kernel to the desired state, and
+``render_restore`` writes it as the text ``iptables-restore --noflush`` commits in one go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rules.errors import RulesError
+from rules.model import ChainSpec, Family, Mode, RejectRule, chain_rules
+
+__all__ = [
+    "Plan",
+    "TableState",
+    "desired_state",
+    "parse_save",
+    "plan_apply",
+    "plan_remove",
+    "render_restore",
+]
+
+
+@dataclass(frozen=True)
+class TableState:
+    """What the filter table holds that concerns our chain.
+
+    ``rules`` are the chain's rules in save form (without ``-A CHAIN``); ``jumps`` the 1-based
+    positions in INPUT of the plain jump ``-A INPUT -j CHAIN``; ``references`` counts every other
+    rule of any chain that jumps to our chain (those are not ours to remove).
+    """
+
+    chain_present: bool
+    rules: tuple[str, ...] = ()
+    jumps: tuple[int, ...] = ()
+    references: int = 0
+
+    @property
+    def mode_guess(self) -> str:
+        """A short word for status output: absent, open, blocked or foreign content."""
+        if not self.chain_present:
+            return "absent"
+        if not self.rules:
+            return "open"
+        if len(self.rules) == 1 and "--tcp-flags FIN,SYN,RST,ACK SYN" in self.rules[0]:
+            return "drain"
+        if len(self.rules) == 1 and "-j REJECT" in self.rules[0]:
+            return "blocked"
+        return "unknown"
+
+
+class SaveParseError(RulesError):
+    """iptables-save printed something this parser does not understand."""
+
+
+def parse_save(text: str, chain: str) -> TableState:
+    """Extract our chain's state from ``iptables-save -t filter`` output.
+
+    Comment lines (``# Warning: iptables-legacy tables present ...`` among them) are ignored.
+    Raises SaveParseError when there is no filter table in the text.
+    """
+    in_filter = False
+    seen_filter = False
+    present = False
+    rules: list[str] = []
+    jumps: list[int] = []
+    refs = 0
+    input_pos = 0
+    our_jump = f"-j {chain}"
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            in_filter = line == "*filter"
+            seen_filter = seen_filter or in_filter
+            continue
+        if not in_filter:
+            continue
+        if line == "COMMIT":
+            in_filter = False
+            continue
+        if line.startswith(":"):
+            if line[1:].split(" ", 1)[0] == chain:
+                present = True
+            continue
+        if not line.startswith("-A "):
+            raise SaveParseError(f"unexpected line in iptables-save output: {line!r}")
+        parts = line.split(" ", 2)
+        owner, rest = parts[1], (parts[2] if len(parts) > 2 else "")
+        if owner == "INPUT":
+            input_pos += 1
+            if rest == our_jump:
+                jumps.append(input_pos)
+                continue
+        if owner == chain:
+            rules.append(rest)
+        elif rest.endswith(our_jump) or f"{our_jump} " in rest or f"-g {chain}" in rest:
+            refs += 1
+    if not seen_filter:
+        raise SaveParseError("no *filter table in iptables-save output")
+    return TableState(present, tuple(rules), tuple(jumps), refs)
+
+
+def desired_state(spec: ChainSpec, family: Family, mode: Mode) -> TableState:
+    """The state the table must be in after applying ``mode``: chain, content, one jump first."""
+    rules = tuple(r.save_form(family, spec.name) for r in chain_rules(spec, mode))
+    return TableState(True, rules, (1,), 0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One transaction for one family.
+
+    ``rules`` None means: delete the chain. Otherwise the chain is declared (which creates it or
+    empties it in the same commit) and refilled with ``rules``. ``delete_jumps`` plain jumps are
+    deleted from INPUT and, if ``insert_jump``, one is inserted at position 1.
+    """
+
+    family: Family
+    chain: str
+    rules: tuple[RejectRule, ...] | None
+    delete_jumps: int
+    insert_jump: bool
+
+    @property
+    def is_noop(self) -> bool:
+        """True when the plan was computed as unnecessary (see plan_apply)."""
+        return False
+
+
+@dataclass(frozen=True)
+class NoOp(Plan):
+    """The kernel already holds the desired state."""
+
+    @property
+    def is_noop(self) -> bool:
+        """Always True."""
+        return True
+
+
+def plan_apply(
+    spec: ChainSpec, family: Family, mode: Mode, observed: TableState, *, force: bool = False
+) -> Plan:
+    """The transaction that makes the chain hold ``mode`` with exactly one jump, first in INPUT.
+
+    Returns a NoOp when ``observed`` already is the desired state (unless ``force``).
+    Duplicate or misplaced jumps are deleted and one jump is inserted at the top.
+    """
+    want = desired_state(spec, family, mode)
+    jumps_ok = observed.jumps == (1,)
+    if not force and observed.chain_present and observed.rules == want.rules and jumps_ok:
+        return NoOp(family, spec.name, chain_rules(spec, mode), 0, False)
+    return Plan(
+        family,
+        spec.name,
+        chain_rules(spec, mode),
+        delete_jumps=0 if jumps_ok else len(observed.jumps),
+        insert_jump=not jumps_ok,
+    )
+
+
+def plan_remove(spec: ChainSpec, family: Family, observed: TableState) -> Plan:
+    """The transaction that deletes our jumps and our chain; a NoOp when neither exists."""
+    if not observed.chain_present and not observed.jumps:
+        return NoOp(family, spec.name, None, 0, False)
+    if observed.references:
+        raise RulesError(
+            f"chain {spec.name} is referenced by {observed.references} rule(s) the agent did not "
+            "write; remove those first"
+        )
+    return Plan(family, spec.name, None, len(observed.jumps), False)
+
+
+def render_restore(plan: Plan) -> str:
+    """The iptables-restore --noflush text of a plan: one ``*filter`` ... ``COMMIT`` block.
+
+    Declaring ``:CHAIN - [0:0]`` creates the chain or empties an existing one within the same
+    commit that refills it, so no reader ever sees it half-written.
+    """
+    lines = ["*filter", f":{plan.chain} - [0:0]"]
+    if plan.rules is not None:
+        lines += [f"-A {plan.chain} {r.save_form(plan.family, plan.chain)}" for r in plan.rules]
+    lines += [f"-D INPUT -j {plan.chain}"] * plan.delete_jumps
+    if plan.insert_jump:
+        lines.append(f"-I INPUT 1 -j {plan.chain}")
+    if plan.rules is None:
+        lines.append(f"-X {plan.chain}")
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,33 @@
+"""Choosing a backend by name: ``restore``, ``iptc`` or ``auto``."""
+
+from __future__ import annotations
+
+from rules.base import Backend, Runner, SubprocessRunner, detect_tools
+from rules.errors import BackendUnavailable
+from rules.iptc_backend import IptcBackend
+from rules.model import Family
+from rules.restore import RestoreBackend
+
+__all__ = ["make_backend"]
+
+
+def make_backend(name: str, *, runner: Runner | None = None, lock_wait_s: float = 5.0) -> Backend:
+    """The backend called ``name``; ``auto`` is iptc on legacy hosts where it loads, else restore.
+
+    Raises BackendUnavailable when iptables is missing or the named backend cannot work here.
+    """
+    run = runner or SubprocessRunner()
+    if name == "restore":
+        backend = RestoreBackend(run, lock_wait_s)
+        backend.tools(Family.V4)  # fail now, clearly, if iptables is missing
+        return backend
+    if name == "iptc":
+        return IptcBackend(run, lock_wait_s)
+    if name == "auto":
+        if detect_tools(Family.V4, run).flavour == "legacy":
+            try:
+                return IptcBackend(run, lock_wait_s)
+            except BackendUnavailable:
+                pass
+        return make_backend("restore", runner=run, lock_wait_s=lock_wait_s)
+    raise BackendUnavailable(f"unknown backend {name!r} (restore, iptc or auto)")
