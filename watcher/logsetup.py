@@ -201,9 +201,14 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+# JSON leaves these raw, but str.splitlines() and some log shippers treat them as line breaks.
+_UNICODE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def _render_json(ed: Mapping[str, Any]) -> str:
-    """One line of JSON, always: newlines and other control characters are escaped."""
+    """One line of JSON, always: newlines, control and Unicode line-break characters are escaped."""
     line = json.dumps(ed, ensure_ascii=False, separators=(",", ":"), default=_json_default)
+    line = line.translate(_UNICODE_BREAKS)
     try:
         line.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates (undecodable file names): escape everything
