@@ -50,6 +50,8 @@ class SubprocessRunner:
     ) -> CommandResult:
         """Run ``argv``; a missing program becomes BackendUnavailable, never a traceback."""
         env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+        if "XTABLES_LOCKFILE" in os.environ:  # iptables-legacy's lock path, honoured as given
+            env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
         try:
             p = subprocess.run(
                 list(argv), input=input, capture_output=True, text=True, timeout=timeout,

@@ -157,6 +157,11 @@ class IptcBackend:
         try:
             with xtables_lock(self._wait):
                 table = self._table(plan.family)
+                # A table replacement zeroes the built-in chains' policy counters: carry them over
+                # from the snapshot this commit replaces.
+                for ch in table.chains:
+                    if table.builtin_chain(ch.name):
+                        ch.set_policy(ch.get_policy(), ch.get_counters())
                 inp = iptc.Chain(table, "INPUT")
                 jumps = [r for r in inp.rules
                          if r.target is not None and r.target.name == plan.chain and self._plain(r)]

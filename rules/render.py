@@ -7,7 +7,7 @@ Nothing here runs a command. ``parse_save`` reads ``iptables-save -t filter`` ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rules.errors import RulesError
 from rules.model import ChainSpec, Family, Mode, RejectRule, chain_rules
@@ -36,6 +36,9 @@ class TableState:
     rules: tuple[str, ...] = ()
     jumps: tuple[int, ...] = ()
     references: int = 0
+    # Built-in chains' headers as saved, e.g. ":INPUT ACCEPT [11:2222]"; legacy x_tables resets
+    # their counters on every table replacement, so a legacy plan writes them back.
+    policies: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def mode_guess(self) -> str:
@@ -67,6 +70,7 @@ def parse_save(text: str, chain: str) -> TableState:
     rules: list[str] = []
     jumps: list[int] = []
     refs = 0
+    policies: list[str] = []
     input_pos = 0
     our_jump = f"-j {chain}"
     for raw in text.splitlines():
@@ -83,8 +87,11 @@ def parse_save(text: str, chain: str) -> TableState:
             in_filter = False
             continue
         if line.startswith(":"):
-            if line[1:].split(" ", 1)[0] == chain:
+            name, policy = ([*line[1:].split(" "), "", ""])[:2]
+            if name == chain:
                 present = True
+            elif policy != "-":
+                policies.append(line)
             continue
         if not line.startswith("-A "):
             raise SaveParseError(f"unexpected line in iptables-save output: {line!r}")
@@ -101,7 +108,7 @@ def parse_save(text: str, chain: str) -> TableState:
             refs += 1
     if not seen_filter:
         raise SaveParseError("no *filter table in iptables-save output")
-    return TableState(present, tuple(rules), tuple(jumps), refs)
+    return TableState(present, tuple(rules), tuple(jumps), refs, tuple(policies))
 
 
 def desired_state(spec: ChainSpec, family: Family, mode: Mode) -> TableState:
@@ -124,6 +131,7 @@ class Plan:
     rules: tuple[RejectRule, ...] | None
     delete_jumps: int
     insert_jump: bool
+    policies: tuple[str, ...] = ()
 
     @property
     def is_noop(self) -> bool:
@@ -159,6 +167,7 @@ def plan_apply(
         chain_rules(spec, mode),
         delete_jumps=0 if jumps_ok else len(observed.jumps),
         insert_jump=not jumps_ok,
+        policies=observed.policies,
     )
 
 
@@ -171,16 +180,21 @@ def plan_remove(spec: ChainSpec, family: Family, observed: TableState) -> Plan:
             f"chain {spec.name} is referenced by {observed.references} rule(s) the agent did not "
             "write; remove those first"
         )
-    return Plan(family, spec.name, None, len(observed.jumps), False)
+    return Plan(family, spec.name, None, len(observed.jumps), False, observed.policies)
 
 
-def render_restore(plan: Plan) -> str:
+def render_restore(plan: Plan, *, keep_policy_counters: bool = False) -> str:
     """The iptables-restore --noflush text of a plan: one ``*filter`` ... ``COMMIT`` block.
 
     Declaring ``:CHAIN - [0:0]`` creates the chain or empties an existing one within the same
-    commit that refills it, so no reader ever sees it half-written.
+    commit that refills it, so no reader ever sees it half-written. ``keep_policy_counters``
+    (legacy x_tables, restored with ``--counters``) re-declares the built-in chains as they were
+    read, since a legacy table replacement would otherwise zero their counters.
     """
-    lines = ["*filter", f":{plan.chain} - [0:0]"]
+    lines = ["*filter"]
+    if keep_policy_counters:
+        lines += list(plan.policies)
+    lines.append(f":{plan.chain} - [0:0]")
     if plan.rules is not None:
         lines += [f"-A {plan.chain} {r.save_form(plan.family, plan.chain)}" for r in plan.rules]
     lines += [f"-D INPUT -j {plan.chain}"] * plan.delete_jumps

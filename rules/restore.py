@@ -48,9 +48,12 @@ class RestoreBackend:
     def apply(self, plan: Plan) -> None:
         """Commit ``plan`` with ``iptables-restore --noflush --wait``: all of it or nothing."""
         t = self.tools(plan.family)
-        text = render_restore(plan)
-        res = self._run([t.restore, "--noflush", "--wait", str(self._wait)], input=text,
-                        timeout=self._wait + 10)
+        legacy = t.flavour == "legacy"
+        text = render_restore(plan, keep_policy_counters=legacy)
+        argv = [t.restore, "--noflush", "--wait", str(self._wait)]
+        if legacy:
+            argv.append("--counters")
+        res = self._run(argv, input=text, timeout=self._wait + 10)
         self._check(res, f"{t.restore} --noflush")
 
     @staticmethod

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+# Resolved once, so commands run with a test's own PATH (e.g. one without iptables) still start.
+IP = shutil.which("ip") or "ip"
 _counter = itertools.count()
 
 
@@ -58,7 +60,7 @@ class Netns:
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """The argument list that runs ``argv`` inside this namespace."""
-        return ["ip", "netns", "exec", self.name, *argv]
+        return [IP, "netns", "exec", self.name, *argv]
 
     def run(self, argv: Sequence[str], *, check: bool = True, input: str | None = None,
             env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
