@@ -108,7 +108,7 @@ def http_get(ns_name: str, host: str, port: int, path: str = "/", timeout: float
 
     class _Conn(http.client.HTTPConnection):
         def connect(self) -> None:
-            s = socket_in(ns_name)
+            s = socket_in(ns_name, socket.AF_INET6 if ":" in self.host else socket.AF_INET)
             s.settimeout(timeout)
             try:
                 s.connect((self.host, self.port))

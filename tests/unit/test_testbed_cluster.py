@@ -1,0 +1,63 @@
+"""The cluster's pure parts: the HAProxy configuration, the agent's config, the Reply value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.testbed.cluster import Reply, Server, default_agent_config, render_haproxy_cfg
+
+
+def _cfg(mode: str = "server-close") -> list[str]:
+    text = render_haproxy_cfg([("server1", "10.200.1.2", 8080), ("server2", "10.200.2.2", 8080)],
+                              "10.200.0.1", Path("/tmp/x.sock"), mode)
+    return [ln.strip() for ln in text.splitlines()]
+
+
+def test_haproxy_cfg_is_round_robin_with_retries_redispatch_and_no_checks() -> None:
+    """Round robin, 3 retries redispatched every time, no 503 retry, servers without checks."""
+    lines = _cfg()
+    for want in ("balance roundrobin", "retries 3", "option redispatch 1",
+                 "option http-server-close", "bind 10.200.0.1:80",
+                 "server server1 10.200.1.2:8080", "server server2 10.200.2.2:8080"):
+        assert want in lines
+    retry_on = next(ln for ln in lines if ln.startswith("retry-on"))
+    assert "conn-failure" in retry_on and "503" not in retry_on
+    assert not any(ln.startswith("server") and " check" in ln for ln in lines)
+    assert not any("httpchk" in ln for ln in lines)
+
+
+def test_haproxy_cfg_keep_alive_mode_and_bad_mode() -> None:
+    """keep-alive mode reuses server connections; an unknown mode is refused."""
+    lines = _cfg("keep-alive")
+    assert "option http-keep-alive" in lines and "option http-server-close" not in lines
+    with pytest.raises(ValueError):
+        _cfg("pipelined")
+
+
+def test_default_agent_config_names_the_servers_pid_file_and_port(tmp_path: Path) -> None:
+    """The default agent config is TOML naming the server's PID file, port and chain."""
+    srv = Server(2, None, tmp_path / "server2", 8080, "0.0.0.0", "gw")  # type: ignore[arg-type]
+    data = tomllib.loads(default_agent_config(srv))
+    assert data["service"]["pid_file"] == str(tmp_path / "server2" / "novell-sslvpn.pid")
+    assert data["service"]["port"] == 8080
+    assert data["firewall"]["chain"] == "sslvpn-heartbeat-chain"
+
+
+def test_default_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:
+    """watcher.config accepts the testbed's agent config (no unknown key, no bad value)."""
+    config = pytest.importorskip("watcher.config")
+    srv = Server(1, None, tmp_path / "server1", 8080, "0.0.0.0", "gw")  # type: ignore[arg-type]
+    cfg = config.parse_config(tomllib.loads(default_agent_config(srv)))
+    assert str(cfg.service.pid_file).endswith("novell-sslvpn.pid")
+
+
+def test_reply_ok_and_server() -> None:
+    """Reply unpacks as (status, body); ok means 2xx; server is the body's first word."""
+    status, body = Reply(200, "server2\n")
+    assert (status, body) == (200, "server2\n")
+    assert Reply(200, "server2\n").ok and Reply(200, "server2\n").server == "server2"
+    assert not Reply(503, "server1 down\n").ok and Reply(503, "server1 down\n").server == "server1"
+    assert Reply(0, "error: ConnectionRefusedError").server == ""
