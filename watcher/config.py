@@ -110,7 +110,7 @@ def _float(lo: float, hi: float) -> Check:
     def check(key: str, v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ConfigError(key, f"must be a number, got {type(v).__name__} {v!r}")
-        if not lo <= float(v) <= hi:
+        if not lo <= v <= hi:  # no float(): a huge TOML integer would overflow
             raise ConfigError(key, f"must be between {lo:g} and {hi:g}, got {v}")
         return float(v)
 
