@@ -263,7 +263,7 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("", f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:  # digits, nesting
         raise ConfigError("", f"{path}: TOML syntax error: {exc}") from None
     try:
         return parse_config(data)
