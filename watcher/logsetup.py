@@ -473,7 +473,9 @@ class _FanOut:
                 "sink.name": sink.name, "sink.target": sink.target, **_describe(exc)}))
         else:
             sink.backoff = min(sink.backoff * 2, BACKOFF_MAX_S)
-        sink.retry_at = now + sink.backoff
+        # A full datagram queue (EAGAIN; net.unix.max_dgram_qlen is often 10) is a burst, not a
+        # dead collector: drop this line but try the next one at once.
+        sink.retry_at = now if isinstance(exc, BlockingIOError) else now + sink.backoff
 
     def reopen(self) -> None:
         """Reopen file and socket sinks now, or at the next event if a write is under way."""

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +201,41 @@ def test_syslog_collector_restart_is_survived(tmp_path: Path) -> None:
     finally:
         rx.close()
         lg.close()
+
+
+def test_full_syslog_queue_drops_without_blocking(tmp_path: Path) -> None:
+    """A collector that stops reading fills the datagram queue: lines drop, logging never blocks."""
+    addr = tmp_path / "dev-log"
+    stream = io.StringIO()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(str(addr))
+        lg = configure(LogConfig(syslog=True), service_name="novell-sslvpn", stream=stream,
+                       syslog_address=str(addr))
+        try:
+            log = lg.logger()
+            done = threading.Event()
+
+            def burst() -> None:
+                for i in range(2000):  # far beyond net.unix.max_dgram_qlen
+                    log.info("probe-failed", seq=i)
+                done.set()
+
+            worker = threading.Thread(target=burst, daemon=True)
+            worker.start()
+            assert done.wait(timeout=30), "logging blocked on a full syslog queue"
+            st = lg.stats()["syslog"]
+            assert st.dropped > 0 and st.written + st.dropped >= 2000
+            assert lg.stats()["stream"].written >= 2000
+            # once the collector reads again, the very next line goes through (no back-off)
+            rx.setblocking(False)
+            while True:
+                try:
+                    rx.recv(65536)
+                except BlockingIOError:
+                    break
+            rx.settimeout(5)
+            log.info("service-up")
+            assert recv_json(rx)["event.action"] == "service-up"
+            assert lg.stats()["syslog"].healthy
+        finally:
+            lg.close()
