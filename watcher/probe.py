@@ -52,6 +52,7 @@ __all__ = [
     "name_matches",
     "parse_proc_stat",
     "parse_status_line",
+    "request_target",
     "start_realtime_ns",
 ]
 
@@ -111,6 +112,11 @@ def name_matches(want: str, comm: str, exe: str | None) -> bool:
         return False
     exe = exe.removesuffix(" (deleted)")
     return os.path.basename(exe) == want
+
+
+def request_target(path: str) -> str:
+    """``path`` as an ASCII request target: non-ASCII, control and space bytes percent-encoded."""
+    return "".join(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in path.encode("utf-8"))
 
 
 def parse_status_line(line: bytes) -> tuple[int, str]:
@@ -329,8 +335,8 @@ class Prober:
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         """GET http_path; a 2xx or 3xx status passes. Returns the reason of a pass."""
         path = self.config.http_path
-        request = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                   "User-Agent: sslvpn-heartbeat\r\n\r\n")
+        request = (f"GET {request_target(path)} HTTP/1.1\r\nHost: localhost\r\n"
+                   "Connection: close\r\nUser-Agent: sslvpn-heartbeat\r\n\r\n")
         try:
             writer.write(request.encode("ascii"))
             await writer.drain()

@@ -18,6 +18,7 @@ from watcher.probe import (
     name_matches,
     parse_proc_stat,
     parse_status_line,
+    request_target,
     start_realtime_ns,
 )
 
@@ -99,6 +100,16 @@ def test_parse_status_line_rejects(line: bytes) -> None:
     """Anything but an HTTP/1.x status line ending in a newline raises ValueError."""
     with pytest.raises(ValueError):
         parse_status_line(line)
+
+
+@pytest.mark.parametrize(
+    ("path", "target"),
+    [("/health", "/health"), ("/a?b=c&d=%20", "/a?b=c&d=%20"), ("/caf\u00e9", "/caf%C3%A9"),
+     ("/a\tb", "/a%09b")],
+)
+def test_request_target_is_ascii(path: str, target: str) -> None:
+    """The configured path is sent as ASCII: non-ASCII and control bytes are percent-encoded."""
+    assert request_target(path) == target
 
 
 # --- the Prober's first checks, against a fake /proc (the PID is this live test process) -----
