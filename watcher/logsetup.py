@@ -84,6 +84,24 @@ ACTIONS: Mapping[str, EventClass] = {
     "ipv6-unavailable": _ec("network", "info", "failure"),
     "sink-failed": _ec("host", "info", "failure"),
     "sink-recovered": _ec("host", "info", "success"),
+    # Further actions the agent's modules log today.
+    "service-initial-up": _ec("network", "start", "success"),
+    "service-initial-down": _ec("network", "end", "failure"),
+    "firewall-keep": _ec("configuration", "info", "success"),
+    "firewall-remove": _ec("configuration", "deletion", "success"),
+    "internal-error": _ec("process", "info", "failure"),
+    "state-write-failed": _ec("file", "change", "failure"),
+    "pidfile-watch-failed": _ec("file", "info", "failure"),
+    "pidfile-directory-missing": _ec("file", "info", "failure"),
+    "inotify-read-failed": _ec("host", "info", "failure"),
+    "inotify-overflow": _ec("host", "info", "failure"),
+    "pidfd-open-failed": _ec("process", "info", "failure"),
+    "proc-connector-error": _ec("host", "info", "failure"),
+    "proc-connector-bad-message": _ec("host", "info", "failure"),
+    "sock-diag-destroy-unavailable": _ec("network", "info", "failure"),
+    "sock-diag-overrun": _ec("network", "info", "failure"),
+    "sock-diag-error": _ec("network", "info", "failure"),
+    "sock-diag-bad-message": _ec("network", "info", "failure"),
 }
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -162,10 +180,12 @@ class _Ecs:
                 out["event.outcome"] = cls.outcome
         if "reason" in ed:
             out["event.reason"] = str(ed.pop("reason"))
-        latency_ns = ed.pop("latency_ns", None)
-        latency_ms = ed.pop("latency_ms", None)
-        if latency_ns is not None or latency_ms is not None:
-            ns = int(latency_ns) if latency_ns is not None else round(float(latency_ms) * 1e6)
+        # The most precise of event.duration= / latency_ns= (ns) / latency_ms= wins.
+        given = [ed.pop(k, None) for k in ("event.duration", "latency_ns", "latency_ms")]
+        if any(v is not None for v in given):
+            dur_ns, lat_ns, lat_ms = given
+            ns = (int(dur_ns) if dur_ns is not None else int(lat_ns) if lat_ns is not None
+                  else round(float(lat_ms) * 1e6))
             out["event.duration"] = ns
             out["latency_ms"] = round(ns / 1e6, 3)
         if "trigger" in ed:

@@ -28,6 +28,7 @@ ECS_KINDS = {"alert", "asset", "enrichment", "event", "metric", "state", "pipeli
 ECS_OUTCOMES = {"failure", "success", "unknown"}
 ECS_TYPES_BY_CATEGORY = {
     "configuration": {"access", "change", "creation", "deletion", "info"},
+    "file": {"access", "change", "creation", "deletion", "info"},
     "host": {"access", "change", "end", "info", "start"},
     "network": {"access", "allowed", "connection", "denied", "end", "info", "protocol", "start"},
     "process": {"access", "change", "end", "info", "start"},
@@ -128,6 +129,14 @@ def test_latency_ms_alone_gives_duration_in_nanoseconds(mk: Any) -> None:
     [d] = s.lines()
     assert d["event.duration"] == 2_500_000
     assert d["latency_ms"] == 2.5
+
+
+def test_explicit_event_duration_beats_rounded_latency_ms(mk: Any) -> None:
+    """event.duration given in ns is kept exactly even when a rounded latency_ms comes along."""
+    s = mk()
+    s.log.info("firewall-block", latency_ms=1.235, **{"event.duration": 1_234_567})
+    [d] = s.lines()
+    assert (d["event.duration"], d["latency_ms"]) == (1_234_567, pytest.approx(1.235))
 
 
 def test_every_known_action_has_valid_ecs_categorization(mk: Any) -> None:
