@@ -6,6 +6,7 @@ IPv4 and (where the system has it) IPv6, and touches nothing else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ class _Silent:
 
 
 @dataclass(frozen=True)
+class _FamilyResult:
+    changed: bool
+    transactions: int
+    retries: int
+    repaired: bool
+
+
+@dataclass(frozen=True)
 class ApplyReport:
     """What one ensure()/remove() did: the families it changed and the transactions it took."""
 
@@ -71,6 +80,8 @@ class Firewall:
         self._sleep = sleep
         self._want_v6 = ipv6
         self._families: tuple[Family, ...] | None = None
+        self._known: dict[Family, TableState] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -91,49 +102,68 @@ class Firewall:
         """The kernel's state of our chain in each family."""
         return {f: self.backend.read(f, self.spec.name) for f in self.families}
 
-    def ensure(self, mode: Mode, *, force: bool = False) -> ApplyReport:
+    def ensure(self, mode: Mode, *, force: bool = False, fresh: bool = True) -> ApplyReport:
         """Make every family hold ``mode``: one transaction each where needed, then read back.
 
-        Raises ReadBackMismatch if the kernel then disagrees, LockContention when the xtables
-        lock stayed busy through every retry, TransactionFailed when iptables refused.
+        ``fresh=False`` plans from the state read back after the previous change instead of
+        reading the table first (the hot path of a transition: one process less); a stale plan
+        fails as a whole and is retried from a fresh read. Families are done concurrently when
+        the backend allows it. Raises ReadBackMismatch if the kernel then disagrees,
+        LockContention when the xtables lock stayed busy through every retry,
+        TransactionFailed when iptables refused.
         """
-        changed: list[Family] = []
-        repaired: list[Family] = []
+        fams = self.families
+        if len(fams) > 1 and getattr(self.backend, "parallel_safe", False):
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(len(fams), "family")
+            futures = [self._pool.submit(self._ensure_family, f, mode, force, fresh) for f in fams]
+            results = [fut.result() for fut in futures]
+        else:
+            results = [self._ensure_family(f, mode, force, fresh) for f in fams]
+        return ApplyReport(
+            tuple(f for f, r in zip(fams, results, strict=True) if r.changed),
+            sum(r.transactions for r in results),
+            sum(r.retries for r in results),
+            tuple(f for f, r in zip(fams, results, strict=True) if r.repaired),
+        )
+
+    def _ensure_family(self, fam: Family, mode: Mode, force: bool, fresh: bool) -> _FamilyResult:
+        want = desired_state(self.spec, fam, mode)
         tx = retries = 0
-        for fam in self.families:
-            want = desired_state(self.spec, fam, mode)
-            for attempt in range(self._attempts):
-                observed = self.backend.read(fam, self.spec.name)
-                plan = plan_apply(self.spec, fam, mode, observed, force=force)
-                if plan.is_noop:
-                    break
-                try:
-                    tx += 1
-                    self.backend.apply(plan)
-                    break
-                except (LockContention, TransactionFailed) as exc:
-                    # A failed transaction changed nothing; the table may have changed under us
-                    # (a stale -D), so the next attempt reads it again.
-                    if attempt + 1 >= self._attempts:
-                        raise
-                    retries += 1
-                    delay = self._backoff * (2**attempt)
-                    self._log.warning("apply-retry", family=str(fam), attempt=attempt + 1,
-                                      delay_s=delay, reason=str(exc))
-                    self._sleep(delay)
+        known = None if fresh else self._known.get(fam)
+        self._known.pop(fam, None)  # until read back, nothing is known
+        for attempt in range(self._attempts):
+            observed = known if known is not None else self.backend.read(fam, self.spec.name)
+            known = None
+            plan = plan_apply(self.spec, fam, mode, observed, force=force)
             if plan.is_noop:
-                continue
-            after = self.backend.read(fam, self.spec.name)
-            if (after.chain_present, after.rules, after.jumps) != (
-                    want.chain_present, want.rules, want.jumps):
-                raise ReadBackMismatch(
-                    f"{fam}: after applying {mode}, the kernel holds rules={after.rules} "
-                    f"jumps={after.jumps}; expected rules={want.rules} jumps={want.jumps}"
-                )
-            changed.append(fam)
-            if observed.chain_present and observed.rules == want.rules:
-                repaired.append(fam)  # content was right: only the jump needed mending
-        return ApplyReport(tuple(changed), tx, retries, tuple(repaired))
+                self._known[fam] = observed
+                return _FamilyResult(False, tx, retries, False)
+            try:
+                tx += 1
+                self.backend.apply(plan)
+                break
+            except (LockContention, TransactionFailed) as exc:
+                # A failed transaction changed nothing; the table may have changed under us
+                # (a stale -D), so the next attempt reads it again.
+                if attempt + 1 >= self._attempts:
+                    raise
+                retries += 1
+                delay = self._backoff * (2**attempt)
+                self._log.warning("apply-retry", family=str(fam), attempt=attempt + 1,
+                                  delay_s=delay, reason=str(exc))
+                self._sleep(delay)
+        after = self.backend.read(fam, self.spec.name)
+        if (after.chain_present, after.rules, after.jumps) != (
+                want.chain_present, want.rules, want.jumps):
+            raise ReadBackMismatch(
+                f"{fam}: after applying {mode}, the kernel holds rules={after.rules} "
+                f"jumps={after.jumps}; expected rules={want.rules} jumps={want.jumps}"
+            )
+        self._known[fam] = after
+        # content already right: only the jump needed mending
+        repaired = observed.chain_present and observed.rules == want.rules
+        return _FamilyResult(True, tx, retries, repaired)
 
     def remove(self) -> ApplyReport:
         """Delete our jumps and our chain in every family; read back that both are gone."""
@@ -145,6 +175,7 @@ class Firewall:
             if plan.is_noop:
                 continue
             tx += 1
+            self._known.pop(fam, None)
             self.backend.apply(plan)
             after = self.backend.read(fam, self.spec.name)
             if after.chain_present or after.jumps:

@@ -63,6 +63,7 @@ class IptcBackend:
     """Applies plans through libiptc; refuses on hosts whose iptables is nf_tables."""
 
     name = "iptc"
+    parallel_safe = False  # libiptc handles are not thread-safe
 
     def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0) -> None:
         run = runner or SubprocessRunner()

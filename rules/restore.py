@@ -22,6 +22,7 @@ class RestoreBackend:
     """Applies plans with one iptables-restore call per family; reads with iptables-save."""
 
     name = "restore"
+    parallel_safe = True  # each call is its own process: IPv4 and IPv6 may run side by side
 
     def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0) -> None:
         self._run: Runner = runner or SubprocessRunner()

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import sys
@@ -207,7 +208,8 @@ class Daemon:
     async def _apply(self, mode: RuleMode, reason: str, trig: Trigger) -> None:
         assert self._loop is not None
         try:
-            report: ApplyReport = await self._loop.run_in_executor(self._exec, self._fw.ensure, mode)
+            report: ApplyReport = await self._loop.run_in_executor(
+                self._exec, functools.partial(self._fw.ensure, mode, fresh=False))
         except RulesError as exc:
             self._schedule_retry(exc, mode)
             return
