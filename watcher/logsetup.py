@@ -168,7 +168,7 @@ class _Ecs:
             out["message"] = action if message is None else str(message)
         else:
             action = ""
-            out["message"] = str(event)
+            out["message"] = str(event).rstrip("\n")  # warnings.formatwarning ends with one
         out["ecs.version"] = ECS_VERSION
         if action:
             out["event.action"] = action
