@@ -508,11 +508,12 @@ class Cluster:
 
 
 def install_signal_handlers() -> None:
-    """Make SIGTERM and SIGHUP unwind like Ctrl-C, so ``with Cluster()`` blocks tear down."""
+    """Make SIGINT, SIGTERM and SIGHUP unwind as KeyboardInterrupt, so ``with Cluster()`` tears down."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, handler)
 
