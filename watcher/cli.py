@@ -221,14 +221,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand and its options."""
+    config_help = f"configuration file (default {DEFAULT_CONFIG_PATH})"
+    # Subcommands SUPPRESS the default, so `--config X status` and `status --config X` both work.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=None, metavar="PATH",
-                        help=f"configuration file (default {DEFAULT_CONFIG_PATH})")
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, metavar="PATH",
+                        help=config_help)
     p = argparse.ArgumentParser(
         prog="sslvpn-heartbeat",
         description="Block TCP port 8080 with iptables while the local SSL VPN service is unhealthy.",
-        parents=[common],
     )
+    p.add_argument("--config", type=Path, default=None, metavar="PATH", help=config_help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -152,8 +152,6 @@ def test_explicit_missing_config_is_an_error(sub: str, tmp_path: Path,
     assert str(missing) in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="--config before the subcommand is overwritten by the "
-                   "subparser's default (None), so the default path is used instead")
 def test_config_before_subcommand_is_honoured(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--config PATH config-check` checks PATH, like `config-check --config PATH`."""
     cfg = _write(tmp_path, "[service]\nport = 0\n")
