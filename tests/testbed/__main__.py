@@ -8,6 +8,7 @@ client saw, starts it again, and tears everything down (also on Ctrl-C). Needs r
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -83,11 +84,15 @@ def demo(n_servers: int, agents: bool, rate: float) -> int:
         _step(4, "server 1's firewall", "iptables -L, as the manual page shows it:")
         _show(s1.iptables_L())
         if agents:
-            events = [e for e in s1.agent_events() if str(e.get("event.action", "")).startswith(
-                ("service-", "firewall-"))]
-            print("   the agent's log events:")
+            events = [e for e in s1.agent_events()
+                      if str(e.get("event.action", "")).startswith(("service-", "firewall-"))]
+            print("   the agent's log (one JSON object per line; the block in full):")
             for e in events[-4:]:
-                _show(str(e))
+                print(f"   - {e.get('event.action', ''):<18} trigger={e.get('trigger', '')}"
+                      + (f" latency_ms={e['latency_ms']}" if "latency_ms" in e else ""))
+            block = [e for e in events if e.get("event.action") == "firewall-block"]
+            if block:
+                _show(json.dumps(block[-1]))
         load.wait(timeout=15)
         print("   what the client saw during the failover:")
         _report(read_records(out))
@@ -113,8 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="narrated failover demo on the namespace testbed")
     d.add_argument("--servers", type=int, default=2, choices=[2, 3])
-    d.add_argument("--agents", action=argparse.BooleanOptionalAction, default=False,
-                   help="run the agent on each server (python -m watcher run)")
+    d.add_argument("--agents", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the agent on each server (--no-agents: see the 503s without it)")
     d.add_argument("--rate", type=float, default=100.0, help="client requests per second")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
