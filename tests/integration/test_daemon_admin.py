@@ -1,0 +1,161 @@
+"""Admin block / unblock / drain while the daemon runs, and the block surviving a daemon restart."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent import Agent, ChainView, Service, agent_config, chain_view, child_env
+from tests.netns import Netns, wait_for
+from watcher.statedir import StateDir
+
+pytestmark = pytest.mark.netns
+
+EVENT_ONLY_INTERVAL_S = 30.0  # no safety-net tick can happen within a test
+REACTION_LIMIT_S = 1.0  # the target is 100 ms; the bound is loose so a loaded host does not flake
+
+
+class Bed:
+    """A healthy fake service, the agent on it, and the CLI with the same config."""
+
+    def __init__(self, netns: Netns, tmp_path: Path) -> None:
+        self.ns = netns
+        self.svc = Service(netns, tmp_path / "svc").start()
+        self.state = tmp_path / "state"
+        self.cfg = agent_config(tmp_path / "agent.toml", self.svc.d, self.state,
+                                probe={"interval_s": EVENT_ONLY_INTERVAL_S})
+        self.agent = Agent(netns, self.cfg, tmp_path)
+
+    def cli(self, *args: str) -> float:
+        """Run ``python -m watcher ARGS --config C`` in the namespace; return when it returned."""
+        r = self.ns.run([sys.executable, "-m", "watcher", *args, "--config", str(self.cfg)],
+                        check=False, env=child_env())
+        done = time.monotonic()
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        return done
+
+
+def _until(ns: Netns, pred: str, t0: float) -> float:
+    """Seconds from ``t0`` until the chain satisfies ChainView.<pred> (polled iptables-save)."""
+    wait_for(lambda: getattr(chain_view(ns), pred), 5.0, f"chain {pred}", interval=0.0)
+    return time.monotonic() - t0
+
+
+@pytest.fixture
+def bed(netns: Netns, tmp_path: Path) -> Bed:
+    return Bed(netns, tmp_path)
+
+
+def test_cli_block_and_unblock_take_effect_quickly_while_running(bed: Bed) -> None:
+    """block: chain blocked, daemon logs admin-block; unblock: the daemon reopens within 1 s."""
+    bed.agent.start().wait_ready()
+    assert chain_view(bed.ns).open
+    mark = bed.agent.mark()
+    t_block = _until(bed.ns, "blocked", bed.cli("block", "--reason", "maintenance"))
+    ev = bed.agent.wait_event("admin-block", 2.0, after=mark)
+    assert ev["trigger"] == "admin" and ev["event.reason"] == "maintenance", ev
+    assert chain_view(bed.ns, 6).blocked
+    mark = bed.agent.mark()
+    t_unblock = _until(bed.ns, "open", bed.cli("unblock"))
+    print(f"\nCLI block return -> blocked {t_block * 1000:.1f} ms; "
+          f"CLI unblock return -> open {t_unblock * 1000:.1f} ms")
+    ev = bed.agent.wait_event("firewall-unblock", 2.0, after=mark)
+    assert ev["trigger"] == "admin", ev
+    print(f"daemon unblock latency_ms={ev['latency_ms']}")
+    assert t_unblock < REACTION_LIMIT_S
+    assert chain_view(bed.ns, 6).open
+    bed.agent.check_clean()
+
+
+def test_block_recorded_in_the_state_dir_is_applied_by_the_daemon_alone(bed: Bed) -> None:
+    """An admin file written (as the CLI does) but not applied: the daemon applies it within 1 s."""
+    bed.agent.start().wait_ready()
+    mark = bed.agent.mark()
+    t0 = time.monotonic()
+    StateDir(bed.state).set_admin(False, "written directly")
+    took = _until(bed.ns, "blocked", t0)
+    ev = bed.agent.wait_event("firewall-block", 2.0, after=mark)
+    print(f"\nadmin file written -> blocked {took * 1000:.1f} ms (daemon latency_ms="
+          f"{ev['latency_ms']})")
+    assert ev["trigger"] == "admin", ev
+    assert took < REACTION_LIMIT_S
+    t0 = time.monotonic()
+    StateDir(bed.state).clear_admin()
+    took = _until(bed.ns, "open", t0)
+    print(f"admin file removed -> open {took * 1000:.1f} ms")
+    assert took < REACTION_LIMIT_S
+    bed.agent.check_clean()
+
+
+def test_block_drain_rejects_only_syn_and_the_daemon_keeps_it(bed: Bed) -> None:
+    """block --drain: one SYN-only REJECT rule; the daemon holds drain (not full block, not open)."""
+    bed.agent.start().wait_ready()
+    mark = bed.agent.mark()
+    _until(bed.ns, "drained", bed.cli("block", "--drain"))
+    ev = bed.agent.wait_event("firewall-drain", 2.0, after=mark)
+    assert ev["trigger"] == "admin", ev
+    assert chain_view(bed.ns).drained and chain_view(bed.ns, 6).drained
+    rule = chain_view(bed.ns).rules[0]
+    assert "--tcp-flags FIN,SYN,RST,ACK SYN" in rule, rule
+    # A kernel event during the drain (core killed and restarted) does not end it.
+    mark = bed.agent.mark()
+    bed.svc.ctl("kill-core")
+    bed.agent.wait_event("service-down", 3.0, after=mark, trigger="pidfd")
+    assert chain_view(bed.ns).drained
+    bed.svc.ctl("start")
+    bed.agent.wait_event("service-up", 3.0, after=mark)
+    assert chain_view(bed.ns).drained
+    _until(bed.ns, "open", bed.cli("unblock"))
+    bed.agent.check_clean()
+
+
+def _sample(ns: Netns, stop: threading.Event, out: list[ChainView], limit: int = 400) -> None:
+    while not stop.is_set() and len(out) < limit:
+        out.append(chain_view(ns))
+
+
+def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: Bed) -> None:
+    """Stop (on_exit=open) and start the agent while admin-blocked: never open, still blocked."""
+    bed.agent.start().wait_ready()
+    _until(bed.ns, "blocked", bed.cli("block", "--reason", "upgrade"))
+    bed.agent.wait_event("admin-block", 2.0)
+    samples: list[ChainView] = []
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(bed.ns, stop, samples))
+    sampler.start()
+    try:
+        assert bed.agent.stop() == 0
+        stopped = bed.agent.find("firewall-keep")
+        assert stopped, bed.agent.dump()
+        bed.agent.check_clean()
+        bed.agent.start()
+        ready = bed.agent.wait_ready()
+        assert ready["mode"] == "block", ready
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert bed.svc.get().ok  # the service is healthy, yet the block holds
+    assert samples, "no iptables-save sample taken during the restart"
+    not_blocked = [s for s in samples if not s.blocked]
+    print(f"\n{len(samples)} samples during the restart, {len(not_blocked)} not blocked")
+    assert not not_blocked, not_blocked[:3]
+    assert chain_view(bed.ns).blocked and chain_view(bed.ns, 6).blocked
+    assert bed.agent.find("admin-block"), bed.agent.dump()
+    _until(bed.ns, "open", bed.cli("unblock"))
+    bed.agent.check_clean()
+
+
+def test_admin_block_made_while_no_daemon_runs_is_held_by_the_next_start(bed: Bed) -> None:
+    """block with no daemon, then start it on a healthy service: it comes up blocked, not open."""
+    bed.cli("block")
+    assert chain_view(bed.ns).blocked
+    bed.agent.start()
+    ready = bed.agent.wait_ready()
+    assert ready["mode"] == "block", ready
+    assert not bed.agent.find("firewall-unblock"), bed.agent.dump()
+    assert chain_view(bed.ns).blocked
+    bed.agent.check_clean()
