@@ -46,6 +46,7 @@ class _FamilyResult:
     transactions: int
     retries: int
     repaired: bool
+    committed_ns: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class ApplyReport:
     transactions: int
     retries: int
     repaired: tuple[Family, ...] = ()
+    # monotonic_ns when the last family's transaction was committed (before its read-back):
+    # the moment the rule took effect, for latency reports
+    committed_ns: int | None = None
 
 
 class Firewall:
@@ -71,6 +75,7 @@ class Firewall:
         attempts: int = 4,
         backoff_s: float = 0.05,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.backend = backend
         self.spec = spec
@@ -78,6 +83,7 @@ class Firewall:
         self._attempts = attempts
         self._backoff = backoff_s
         self._sleep = sleep
+        self._clock = clock
         self._want_v6 = ipv6
         self._families: tuple[Family, ...] | None = None
         self._known: dict[Family, TableState] = {}
@@ -125,6 +131,7 @@ class Firewall:
             sum(r.transactions for r in results),
             sum(r.retries for r in results),
             tuple(f for f, r in zip(fams, results, strict=True) if r.repaired),
+            max((r.committed_ns for r in results if r.committed_ns is not None), default=None),
         )
 
     def _ensure_family(self, fam: Family, mode: Mode, force: bool, fresh: bool) -> _FamilyResult:
@@ -142,6 +149,7 @@ class Firewall:
             try:
                 tx += 1
                 self.backend.apply(plan)
+                committed = self._clock()
                 break
             except (LockContention, TransactionFailed) as exc:
                 # A failed transaction changed nothing; the table may have changed under us
@@ -163,7 +171,7 @@ class Firewall:
         self._known[fam] = after
         # content already right: only the jump needed mending
         repaired = observed.chain_present and observed.rules == want.rules
-        return _FamilyResult(True, tx, retries, repaired)
+        return _FamilyResult(True, tx, retries, repaired, committed)
 
     def remove(self) -> ApplyReport:
         """Delete our jumps and our chain in every family; read back that both are gone."""

@@ -198,15 +198,17 @@ class Daemon:
                 self._timers.append(self._loop.call_later(
                     delay, self.emit, Trigger(Source.TIMER, "rise", act.after_ns)))
             elif isinstance(act, health.SetFirewall):
-                await self._apply(_to_rule_mode(act.mode), act.reason, trig)
+                await self._apply(_to_rule_mode(act.mode), act.reason, trig, result)
         if isinstance(inp, health.AdminChange):
             kind = "admin-block" if inp.block is not None else "admin-unblock"
             self.log.info(kind, trigger=str(trig.source),
                           reason=inp.block.reason if inp.block else "")
         self._publish()
 
-    async def _apply(self, mode: RuleMode, reason: str, trig: Trigger) -> None:
+    async def _apply(self, mode: RuleMode, reason: str, trig: Trigger,
+                     result: ProbeResult | None = None) -> None:
         assert self._loop is not None
+        started = self._clock()
         try:
             report: ApplyReport = await self._loop.run_in_executor(
                 self._exec, functools.partial(self._fw.ensure, mode, fresh=False))
@@ -218,11 +220,15 @@ class Daemon:
         changed = self._applied is not mode or bool(report.changed)
         self._applied = mode
         if changed:
-            latency = done - trig.monotonic_ns
+            # from the kernel event to the commit that made the rule take effect; the read-back
+            # that follows the commit is included in apply_ms
+            latency = (report.committed_ns or done) - trig.monotonic_ns
             self.log.info(_ACTION[mode], reason=reason, trigger=str(trig.source), detail=trig.detail,
                           latency_ms=round(latency / 1e6, 3), **{"event.duration": latency},
                           transactions=report.transactions,
-                          families=[str(f) for f in self._fw.families])
+                          families=[str(f) for f in self._fw.families],
+                          probe_ms=None if result is None else round(result.duration_ns / 1e6, 3),
+                          apply_ms=round((done - started) / 1e6, 3))
 
     async def _ensure_current(self, trig: Trigger) -> None:
         mode = self._applied
