@@ -435,7 +435,8 @@ class _FanOut:
     def __init__(self, sinks: list[_Sink], monotonic: Callable[[], float]) -> None:
         self.sinks = sinks
         self._monotonic = monotonic
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._busy = 0
         self._reopen_wanted = False
         self.notify: Callable[[_Notice], None] = lambda notice: None
 
@@ -453,33 +454,41 @@ class _FanOut:
     def emit(self, render: Callable[[str], str], meta: _Meta) -> None:
         """Write one event everywhere it can go; never raises, whatever the sinks do."""
         notices: list[_Notice] = []
+        # An RLock, so that logging from a signal handler that interrupted emit() cannot deadlock.
         with self._lock:
-            if self._reopen_wanted:
-                self._reopen_locked()
-            lines: dict[str, str] = {}
-            now = self._monotonic()
-            for sink in self.sinks:
-                if not sink.healthy and now < sink.retry_at:
-                    sink.dropped += 1
-                    sink.dropped_in_outage += 1
-                    continue
-                try:
-                    if sink.fmt not in lines:
-                        lines[sink.fmt] = _safe_render(render, sink.fmt)
-                    sink.write(lines[sink.fmt], meta, now)
-                except Exception as exc:  # any sink error is counted, never propagated
-                    self._failed(sink, exc, now, notices)
-                    continue
-                sink.written += 1
-                if not sink.healthy:
-                    sink.healthy = True
-                    sink.backoff = BACKOFF_FIRST_S
-                    notices.append(("info", "sink-recovered", {
-                        "sink.name": sink.name, "sink.target": sink.target,
-                        "sink.dropped": sink.dropped_in_outage}))
-                    sink.dropped_in_outage = 0
+            self._busy += 1
+            try:
+                self._write_all(render, meta, notices)
+            finally:
+                self._busy -= 1
         for notice in notices:
             self.notify(notice)
+
+    def _write_all(self, render: Callable[[str], str], meta: _Meta, notices: list[_Notice]) -> None:
+        if self._reopen_wanted and self._busy == 1:  # not in a write interrupted by a handler
+            self._reopen_locked()
+        lines: dict[str, str] = {}
+        now = self._monotonic()
+        for sink in self.sinks:
+            if not sink.healthy and now < sink.retry_at:
+                sink.dropped += 1
+                sink.dropped_in_outage += 1
+                continue
+            try:
+                if sink.fmt not in lines:
+                    lines[sink.fmt] = _safe_render(render, sink.fmt)
+                sink.write(lines[sink.fmt], meta, now)
+            except Exception as exc:  # any sink error is counted, never propagated
+                self._failed(sink, exc, now, notices)
+                continue
+            sink.written += 1
+            if not sink.healthy:
+                sink.healthy = True
+                sink.backoff = BACKOFF_FIRST_S
+                notices.append(("info", "sink-recovered", {
+                    "sink.name": sink.name, "sink.target": sink.target,
+                    "sink.dropped": sink.dropped_in_outage}))
+                sink.dropped_in_outage = 0
 
     def _failed(self, sink: _Sink, exc: Exception, now: float, notices: list[_Notice]) -> None:
         sink.failures += 1
@@ -500,9 +509,10 @@ class _FanOut:
     def reopen(self) -> None:
         """Reopen file and socket sinks now, or at the next event if a write is under way."""
         self._reopen_wanted = True
-        if self._lock.acquire(blocking=False):  # not from inside emit (e.g. a signal handler)
+        if self._lock.acquire(blocking=False):
             try:
-                self._reopen_locked()
+                if not self._busy:  # a signal handler that interrupted emit() leaves it to emit
+                    self._reopen_locked()
             finally:
                 self._lock.release()
 

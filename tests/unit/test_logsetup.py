@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,50 @@ def test_failing_stream_does_not_raise_and_file_hears_of_it(mk: Any, tmp_path: P
     msgs = [d["message"] for d in file_lines(path)]
     assert msgs == ["service-down", "sink-failed", "still fine"]
     assert file_lines(path)[1]["error.code"] == "EPIPE"
+
+
+class InterruptingStream(io.StringIO):
+    """A stream that, on its first write, runs a callback the way a signal handler would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.callback: Any = None
+
+    def write(self, s: str) -> int:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback()
+        return super().write(s)
+
+
+def test_logging_and_reopen_from_inside_a_write_do_not_deadlock(mk: Any, tmp_path: Path) -> None:
+    """A handler that logs and calls reopen() while a line is being written neither hangs nor
+    loses a line; the reopen waits for the write to finish and applies at the next event."""
+    path = tmp_path / "agent.log"
+    stream = InterruptingStream()
+    s = mk(LogConfig(file=str(path)), stream=stream)
+
+    def handler() -> None:
+        path.rename(tmp_path / "agent.log.1")
+        s.logging.reopen()
+        s.log.warning("agent-stop", reason="signal")
+
+    s.log.info("agent-start")  # the file exists from here on
+    stream.callback = handler
+    worker = threading.Thread(target=s.log.info, args=("service-down",), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "deadlock: emit() re-entered from a handler"
+    s.log.info("service-up")
+    lines = [json.loads(x)["message"] for x in stream.getvalue().splitlines()]
+    assert sorted(lines) == ["agent-start", "agent-stop", "service-down", "service-up"]
+    assert sorted(messages(tmp_path / "agent.log.1")) == ["agent-start", "agent-stop",
+                                                          "service-down"]
+    assert messages(path) == ["service-up"]
+
+
+def messages(path: Path) -> list[str]:
+    return [d["message"] for d in file_lines(path)]
 
 
 def test_syslog_sink_sends_rfc5424_with_json_message(mk: Any, tmp_path: Path) -> None:
