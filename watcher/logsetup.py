@@ -548,6 +548,7 @@ class _RootHandler(logging.Handler):
 
     def __init__(self, fanout: _FanOut, ecs: _Ecs, level: int) -> None:
         super().__init__(level)
+        self.previous_root_level = logging.getLogger().level
         self._fanout = fanout
         self._formatters = {
             fmt: structlog.stdlib.ProcessorFormatter(processors=[ecs, renderer])
@@ -579,12 +580,11 @@ class Logging:
     """The configured pipeline: hands out bound loggers, reopens and closes the sinks."""
 
     def __init__(self, fanout: _FanOut, processors: list[Processor], level: int,
-                 handler: _RootHandler, previous_root_level: int) -> None:
+                 handler: _RootHandler) -> None:
         self._fanout = fanout
         self._processors = processors
         self._wrapper = structlog.make_filtering_bound_logger(level)
         self._handler = handler
-        self._previous_root_level = previous_root_level
         self._closed = False
         fanout.notify = self._notice
 
@@ -616,9 +616,10 @@ class Logging:
             return
         self._closed = True
         root = logging.getLogger()
-        root.removeHandler(self._handler)
-        root.setLevel(self._previous_root_level)
-        logging.captureWarnings(False)
+        if self._handler in root.handlers:  # not replaced by a later configure()
+            root.removeHandler(self._handler)
+            root.setLevel(self._handler.previous_root_level)
+            logging.captureWarnings(False)
         if structlog.get_config().get("logger_factory") == self._factory:
             structlog.reset_defaults()
         self._fanout.close()
@@ -627,7 +628,7 @@ class Logging:
         return self._fanout
 
     def install(self) -> None:
-        """Make structlog.get_logger() and the root stdlib logger write to this pipeline."""
+        """Make structlog.get_logger() (and structlog.configure's other users) use this pipeline."""
         structlog.configure(processors=self._processors, wrapper_class=self._wrapper,
                             logger_factory=self._factory, context_class=dict,
                             cache_logger_on_first_use=False)
@@ -673,14 +674,14 @@ def configure(
     processors: list[Processor] = [structlog.contextvars.merge_contextvars, ecs, _deliver]
 
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _RootHandler)]:
-        root.removeHandler(old)
     handler = _RootHandler(fanout, ecs, level)
-    previous = root.level
+    for old in [h for h in root.handlers if isinstance(h, _RootHandler)]:
+        root.removeHandler(old)  # a reload: the level to restore is the one before the first
+        handler.previous_root_level = old.previous_root_level
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
 
-    result = Logging(fanout, processors, level, handler, previous)
+    result = Logging(fanout, processors, level, handler)
     result.install()
     return result

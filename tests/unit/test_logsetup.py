@@ -522,10 +522,20 @@ def test_close_detaches_from_stdlib_and_structlog(tmp_path: Path) -> None:
     assert not any(type(h).__name__ == "_RootHandler" for h in logging.getLogger().handlers)
 
 
-def test_configure_twice_keeps_one_root_handler(mk: Any) -> None:
-    """A second configure() (config reload) replaces the first pipeline's root handler."""
-    first = mk()
-    second = mk()
-    logging.getLogger("lib").warning("once")
-    assert first.stream.getvalue() == ""
-    assert [d["message"] for d in second.lines()] == ["once"]
+def test_configure_twice_keeps_one_root_handler() -> None:
+    """A second configure() (reload) replaces the first's root handler; closing the old one
+    then leaves the new one working, and closing both restores the original root level."""
+    root = logging.getLogger()
+    original = root.level
+    first = Setup(LogConfig(level="debug"))
+    second = Setup(LogConfig(level="info"))
+    try:
+        logging.getLogger("lib").warning("once")
+        first.logging.close()
+        logging.getLogger("lib").warning("twice")
+        assert first.stream.getvalue() == ""
+        assert [d["message"] for d in second.lines()] == ["once", "twice"]
+    finally:
+        first.logging.close()
+        second.logging.close()
+    assert root.level == original
