@@ -1,0 +1,346 @@
+"""Time per open<->blocked swap of our chain, per backend, against a bare iptables-restore call.
+
+Run as root from the repository: ``python -m bench.rules_swap [--rounds N]``. The program makes a
+throwaway network namespace, re-executes itself inside it (``--inner``), prints the figures and
+deletes the namespace. Nothing runs in the initial namespace's firewall. IPv4 only.
+
+Variants (each alternates BLOCK and OPEN; one sample is one swap):
+
+- ``bare restore``: ``iptables-restore --noflush`` fed the exact text the restore backend
+  writes for that swap (the floor of its flavour);
+- ``Firewall restore``: ``Firewall.ensure()`` with the restore backend: read, plan, apply,
+  read back;
+- ``Firewall iptc``: the same with the iptc backend (legacy only);
+- ``iptc apply only``: ``IptcBackend.apply()`` of a precomputed plan, no read, no read-back;
+- ``(what-if) ...``: prototypes of the changes bench/README.md proposes for rules/;
+- ``(ref) ...``: an iptables-save alone, and starting ``true``, for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rules.base import Backend, CommandResult
+from rules.firewall import Firewall
+from rules.iptc_backend import IptcBackend
+from rules.model import ChainSpec, Family, Mode
+from rules.render import Plan, TableState, desired_state, plan_apply, render_restore
+from rules.restore import RestoreBackend
+
+__all__ = ["Stats", "main", "stats"]
+
+SPEC = ChainSpec()
+WARMUP = 10
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A distribution of swap times in nanoseconds, summarised."""
+
+    n: int
+    median: float
+    p90: float
+    p99: float
+    min: float
+    to_block: float  # median of the swaps open -> blocked
+    to_open: float  # median of the swaps blocked -> open
+
+
+def _rank(sorted_ns: Sequence[int], q: float) -> float:
+    """The nearest-rank ``q`` quantile (0 < q <= 1) of an ascending sequence."""
+    idx = max(0, min(len(sorted_ns) - 1, round(q * len(sorted_ns) + 0.5) - 1))
+    return float(sorted_ns[idx])
+
+
+def stats(samples: Sequence[int]) -> Stats:
+    """Median, p90, p99 (nearest rank), minimum, and the median of each direction.
+
+    ``samples`` alternate: even indices are swaps to BLOCK, odd ones swaps to OPEN.
+    """
+    s = sorted(samples)
+    blk, opn = sorted(samples[0::2]), sorted(samples[1::2] or samples[0::2])
+    return Stats(len(s), _rank(s, 0.5), _rank(s, 0.9), _rank(s, 0.99), float(s[0]),
+                 _rank(blk, 0.5), _rank(opn, 0.5))
+
+
+@dataclass
+class TimedBackend:
+    """A Backend wrapper that records how long each read() and apply() took, to split a swap."""
+
+    inner: Backend
+    reads: list[int] = field(default_factory=list)
+    applies: list[int] = field(default_factory=list)
+    applied_at: int = 0  # perf_counter_ns when the last apply() returned
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.inner.name
+
+    def flavour(self, family: Family) -> str:
+        """The wrapped backend's flavour."""
+        return self.inner.flavour(family)
+
+    def read(self, family: Family, chain: str) -> TableState:
+        """The wrapped read, timed."""
+        t = time.perf_counter_ns()
+        try:
+            return self.inner.read(family, chain)
+        finally:
+            self.reads.append(time.perf_counter_ns() - t)
+
+    def apply(self, plan: Plan) -> None:
+        """The wrapped apply, timed."""
+        t = time.perf_counter_ns()
+        try:
+            self.inner.apply(plan)
+        finally:
+            self.applied_at = time.perf_counter_ns()
+            self.applies.append(self.applied_at - t)
+
+
+class WatchdogRunner:
+    """A prototype Runner for the proposal in bench/README.md: the same call as rules.base's
+    SubprocessRunner, but bounded by a kill timer instead of ``subprocess.run(timeout=...)``.
+
+    With a timeout, Popen.wait() polls waitpid(WNOHANG) with sleeps of 0.5, 1, 2 ms... after
+    the child closes its pipes; without one it blocks in waitpid and wakes as the child exits.
+    """
+
+    def __call__(self, argv: Sequence[str], *, input: str | None = None,
+                 timeout: float = 30.0) -> CommandResult:
+        """Run ``argv``; kill it if it outlives ``timeout``."""
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+        if "XTABLES_LOCKFILE" in os.environ:
+            env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
+        with subprocess.Popen(list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as p:
+            timer = threading.Timer(timeout, p.kill)
+            timer.start()
+            try:
+                out, err = p.communicate(input)
+            finally:
+                timer.cancel()
+        if p.returncode == -signal.SIGKILL:
+            raise SystemExit(f"{argv[0]} killed after {timeout}s")
+        return CommandResult(p.returncode, out, err)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One variant's samples and, for Firewall variants, where the time went."""
+
+    label: str
+    flavour: str
+    stats: Stats
+    split: str = ""
+
+
+def _swaps(rounds: int, one: Callable[[Mode], object],
+           after_warmup: Callable[[], None] = lambda: None) -> list[int]:
+    """Time ``rounds`` alternating BLOCK/OPEN swaps after a short warm-up."""
+    modes = (Mode.BLOCK, Mode.OPEN)
+    for i in range(WARMUP):
+        one(modes[i % 2])
+    after_warmup()
+    out = []
+    for i in range(rounds):
+        t = time.perf_counter_ns()
+        one(modes[i % 2])
+        out.append(time.perf_counter_ns() - t)
+    return out
+
+
+def _plans(backend: Backend) -> dict[Mode, Plan]:
+    """The plans the engine computes for each swap once the chain and its jump exist."""
+    fw = Firewall(backend, SPEC, ipv6=False)
+    fw.ensure(Mode.OPEN)
+    plans = {}
+    for mode, other in ((Mode.BLOCK, Mode.OPEN), (Mode.OPEN, Mode.BLOCK)):
+        fw.ensure(other)
+        plans[mode] = plan_apply(SPEC, Family.V4, mode, backend.read(Family.V4, SPEC.name))
+        assert not plans[mode].is_noop and not plans[mode].insert_jump
+    fw.ensure(Mode.OPEN)
+    return plans
+
+
+def bare_restore(rounds: int) -> Result:
+    """The floor: the restore backend's own argv and text, run with no read and no read-back."""
+    backend = RestoreBackend()
+    tools = backend.tools(Family.V4)
+    legacy = tools.flavour == "legacy"
+    texts = {m: render_restore(p, keep_policy_counters=legacy) for m, p in _plans(backend).items()}
+    argv = [tools.restore, "--noflush", "--wait", "5", *(["--counters"] if legacy else [])]
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+    if "XTABLES_LOCKFILE" in os.environ:
+        env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
+
+    def one(mode: Mode) -> None:
+        p = subprocess.run(argv, input=texts[mode], capture_output=True, text=True, env=env, check=False)
+        if p.returncode:
+            raise SystemExit(f"{tools.restore} failed: {p.stderr.strip()}")
+
+    return Result("bare iptables-restore", tools.flavour, stats(_swaps(rounds, one)))
+
+
+def reference(label: str, argv: Sequence[str], flavour: str, rounds: int) -> Result:
+    """A process that changes nothing, timed like a swap: how much of a call is spawning it."""
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
+
+    def one(mode: Mode) -> None:
+        subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+
+    return Result(label, flavour, stats(_swaps(rounds, one)))
+
+
+def firewall_swaps(backend: Backend, rounds: int, label: str = "") -> Result:
+    """Firewall.ensure() alternating BLOCK/OPEN, with the time in read() and apply() split out."""
+    timed = TimedBackend(backend)
+    fw = Firewall(timed, SPEC, ipv6=False)
+    fw.ensure(Mode.OPEN)
+
+    effect: list[int] = []
+
+    def one(mode: Mode) -> None:
+        t = time.perf_counter_ns()
+        fw.ensure(mode)
+        effect.append(timed.applied_at - t)
+
+    def reset() -> None:
+        timed.reads.clear()
+        timed.applies.clear()
+        effect.clear()
+
+    samples = _swaps(rounds, one, reset)
+    if len(timed.applies) != rounds or len(timed.reads) != 2 * rounds:
+        raise SystemExit(f"expected one apply and two reads per swap, got {len(timed.applies)} "
+                         f"and {len(timed.reads)} in {rounds} swaps")
+
+    def med(xs: Sequence[int]) -> str:
+        return f"{_rank(sorted(xs), 0.5) / 1e6:.3f}"
+
+    split = (f"pre-read {med(timed.reads[0::2])} + apply {med(timed.applies)} + read-back "
+             f"{med(timed.reads[1::2])}; rule in effect after {med(effect)}")
+    return Result(label or f"Firewall {backend.name}", backend.flavour(Family.V4), stats(samples), split)
+
+
+def apply_and_read_back(backend: Backend, reader: Backend, rounds: int, label: str) -> Result:
+    """What a swap would cost if planned from the last read-back: apply, then read back once.
+
+    ``reader`` does the read-back (the backend itself, or libiptc on legacy). Each read-back is
+    checked against the desired state, as Firewall.ensure() checks it.
+    """
+    plans = _plans(backend)
+    want = {m: desired_state(SPEC, Family.V4, m) for m in plans}
+
+    def one(mode: Mode) -> None:
+        backend.apply(plans[mode])
+        got = reader.read(Family.V4, SPEC.name)
+        if (got.rules, got.jumps) != (want[mode].rules, want[mode].jumps):
+            raise SystemExit(f"{label}: read-back mismatch after {mode}: {got}")
+
+    return Result(label, backend.flavour(Family.V4), stats(_swaps(rounds, one)))
+
+
+def iptc_apply_only(rounds: int) -> Result:
+    """IptcBackend.apply() of precomputed plans: one libiptc commit, no read, no read-back."""
+    backend = IptcBackend()
+    plans = _plans(backend)
+    return Result("iptc apply only", "legacy", stats(_swaps(rounds, lambda m: backend.apply(plans[m]))))
+
+
+def inner(rounds: int, legacy_path: str) -> None:
+    """Run every variant in the current namespace and print the table (called via --inner)."""
+    results: list[Result] = []
+    true = shutil.which("true") or "/bin/true"
+    # nf_tables first: once legacy tables exist, iptables-nft-save also checks for them.
+    fast = WatchdogRunner()
+    results.append(bare_restore(rounds))
+    results.append(firewall_swaps(RestoreBackend(), rounds))
+    results.append(firewall_swaps(RestoreBackend(fast), rounds, "(what-if) Firewall, wd"))
+    results.append(apply_and_read_back(RestoreBackend(fast), RestoreBackend(fast), rounds,
+                                       "(what-if) apply+save, wd"))
+    results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "nf_tables", rounds))
+    results.append(reference("(ref) spawn true", [true], "nf_tables", rounds))
+    os.environ["PATH"] = legacy_path
+    results.append(bare_restore(rounds))
+    results.append(firewall_swaps(RestoreBackend(), rounds))
+    results.append(firewall_swaps(RestoreBackend(fast), rounds, "(what-if) Firewall, wd"))
+    results.append(apply_and_read_back(RestoreBackend(fast), RestoreBackend(fast), rounds,
+                                       "(what-if) apply+save, wd"))
+    results.append(apply_and_read_back(RestoreBackend(fast), IptcBackend(), rounds,
+                                       "(what-if) apply+iptc, wd"))
+    results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "legacy", rounds))
+    results.append(firewall_swaps(IptcBackend(), rounds))
+    results.append(iptc_apply_only(rounds))
+
+    floors = {r.flavour: r.stats for r in results if r.label.startswith("bare")}
+    print(f"{rounds} swaps per variant after {WARMUP} warm-up swaps; IPv4; times in ms; "
+          "x floor = median / median of the bare call of the same flavour")
+    print("->block / ->open: median of the swaps in that direction, and its ratio to the floor's")
+    print(f"{'variant':<25}{'flavour':<10}{'median':>8}{'p90':>8}{'p99':>8}{'min':>8}"
+          f"{'x floor':>9}{'->block':>9}{'x':>7}{'->open':>8}{'x':>7}")
+    for r in results:
+        s, f = r.stats, floors[r.flavour]
+        print(f"{r.label:<25}{r.flavour:<10}{s.median / 1e6:>8.3f}{s.p90 / 1e6:>8.3f}"
+              f"{s.p99 / 1e6:>8.3f}{s.min / 1e6:>8.3f}{s.median / f.median:>8.2f}x"
+              f"{s.to_block / 1e6:>9.3f}{s.to_block / f.to_block:>6.2f}x"
+              f"{s.to_open / 1e6:>8.3f}{s.to_open / f.to_open:>6.2f}x")
+    print("where the time of a Firewall swap goes (medians of each step, ms):")
+    for r in results:
+        if r.split:
+            print(f"  {r.label} ({r.flavour}): {r.split}")
+
+
+def _versions() -> str:
+    ipt = subprocess.run(["iptables", "-V"], capture_output=True, text=True, check=False).stdout.strip()
+    try:
+        from importlib.metadata import version
+        pyiptc = version("python-iptables")
+    except Exception:  # Debian's python3-iptables ships no dist-info metadata
+        pyiptc = "unknown"
+    return (f"kernel {platform.release()}, {ipt}, python {platform.python_version()}, "
+            f"python-iptables {pyiptc}, {os.cpu_count()} CPUs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse options; outside a namespace make one and re-run inside it; print the figures."""
+    p = argparse.ArgumentParser(prog="python -m bench.rules_swap", description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=500, help="swaps per variant (default 500)")
+    p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--legacy-path", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rounds < 2:
+        p.error("--rounds must be at least 2")
+    if args.inner:
+        inner(args.rounds, args.legacy_path)
+        return 0
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        print("bench.rules_swap: run as root with iproute2 installed", file=sys.stderr)
+        return 69
+
+    from tests.netns import REPO, Netns, legacy_path_dir
+
+    print(_versions())
+    with tempfile.TemporaryDirectory(prefix="rules-swap-") as tmp, Netns("svbench") as ns, \
+            legacy_path_dir(Path(tmp)) as legacy_path:
+        env = dict(os.environ, PYTHONPATH=str(REPO), XTABLES_LOCKFILE=f"{tmp}/xtables.lock")
+        cmd = [sys.executable, "-m", "bench.rules_swap", "--inner", "--rounds", str(args.rounds),
+               "--legacy-path", legacy_path]
+        proc = ns.popen(cmd, env=env, cwd=str(REPO))
+        return proc.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
