@@ -267,16 +267,20 @@ class Agent:
         """Send ``sig`` to the daemon."""
         os.kill(self.pid, sig)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM the daemon and return its exit status once it has exited."""
+    def wait(self, timeout: float = 10.0) -> int:
+        """The daemon's exit status once it has exited (AssertionError after ``timeout``)."""
         assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"agent did not exit {timeout}s after SIGTERM\n{self.dump()}") \
-                from None
+            raise AssertionError(f"agent still running after {timeout}s\n{self.dump()}") from None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM the daemon (once) and return its exit status once it has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
 
     def check_clean(self) -> None:
         """Every line of the run is a JSON object and stderr holds no traceback."""

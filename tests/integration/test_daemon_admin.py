@@ -159,3 +159,21 @@ def test_admin_block_made_while_no_daemon_runs_is_held_by_the_next_start(bed: Be
     assert not bed.agent.find("firewall-unblock"), bed.agent.dump()
     assert chain_view(bed.ns).blocked
     bed.agent.check_clean()
+
+
+def test_unblock_while_the_service_is_down_leaves_the_health_block(bed: Bed) -> None:
+    """Admin block over a dead core, then unblock: the chain stays blocked (health says DOWN)."""
+    bed.agent.start().wait_ready()
+    bed.cli("block", "--drain")
+    bed.agent.wait_event("firewall-drain", 2.0)
+    mark = bed.agent.mark()
+    bed.svc.ctl("kill-core")
+    bed.agent.wait_event("service-down", 3.0, after=mark, trigger="pidfd")
+    assert chain_view(bed.ns).drained  # the admin block overrides the health
+    mark = bed.agent.mark()
+    _until(bed.ns, "blocked", bed.cli("unblock"))
+    ev = bed.agent.wait_event("firewall-block", 2.0, after=mark)
+    assert ev["trigger"] == "admin", ev
+    assert not bed.agent.find("firewall-unblock", mark), bed.agent.dump()
+    assert chain_view(bed.ns).blocked and chain_view(bed.ns, 6).blocked
+    bed.agent.check_clean()

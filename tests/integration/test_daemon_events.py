@@ -157,3 +157,20 @@ def test_listener_hung_is_blocked_by_the_timer_and_unblocked_after_sigcont(
     assert chain_view(netns).open
     wait_for(lambda: svc.get().ok, 2.0, "the service answering again")
     agent.check_clean()
+
+
+def test_graceful_stop_removing_the_pid_file_blocks_at_once(netns: Netns, tmp_path: Path) -> None:
+    """ctl stop (SIGTERM: the core removes its PID file and exits) blocks from kernel events."""
+    svc, agent = _start(netns, tmp_path)
+    mark = agent.mark()
+    svc.ctl("stop")
+    ev = agent.wait_event("firewall-block", 3.0, after=mark)
+    assert ev["trigger"] in ("pidfd", "inotify"), ev
+    down = agent.find("service-down", mark)
+    assert down and down[0]["event.reason"].startswith("confirmed by kernel event"), agent.dump()
+    assert chain_view(netns).blocked
+    mark = agent.mark()
+    svc.ctl("start")
+    agent.wait_event("firewall-unblock", 3.0, after=mark)
+    assert chain_view(netns).open
+    agent.check_clean()

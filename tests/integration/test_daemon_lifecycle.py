@@ -1,0 +1,213 @@
+"""Daemon lifecycle: SIGTERM and firewall.on_exit, restart while blocked, tamper repair, SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent import CHAIN, Agent, ChainView, Service, agent_config, chain_view
+from tests.netns import Netns, wait_for
+
+pytestmark = pytest.mark.netns
+
+EVENT_ONLY_INTERVAL_S = 30.0  # no safety-net tick can happen within a test
+
+
+class Bed:
+    """The fake service and an agent config in ``tmp_path``; the agent is not started."""
+
+    def __init__(self, netns: Netns, tmp_path: Path, **sections: dict[str, Any]) -> None:
+        self.ns, self.tmp = netns, tmp_path
+        self.svc = Service(netns, tmp_path / "svc").start()
+        self.state = tmp_path / "state"
+        probe = {"interval_s": EVENT_ONLY_INTERVAL_S, **sections.pop("probe", {})}
+        self.cfg = self.write(probe=probe, **sections)
+        self.agent = Agent(netns, self.cfg, tmp_path)
+
+    def write(self, **sections: dict[str, Any]) -> Path:
+        """(Re)write the agent's config file with ``sections`` over the defaults."""
+        return agent_config(self.tmp / "agent.toml", self.svc.d, self.state, **sections)
+
+    def run_blocked(self) -> None:
+        """Start the agent, then kill the core; return once the chain blocks the port."""
+        self.agent.start().wait_ready()
+        mark = self.agent.mark()
+        self.svc.ctl("kill-core")
+        self.agent.wait_event("firewall-block", 3.0, after=mark)
+        assert chain_view(self.ns).blocked and chain_view(self.ns, 6).blocked
+
+
+def _ipt(ns: Netns, *args: str, family: int = 4) -> None:
+    ns.run(["ip6tables" if family == 6 else "iptables", "-t", "filter", *args])
+
+
+@pytest.mark.parametrize("on_exit", ["open", "keep", "remove"])
+def test_sigterm_applies_on_exit(netns: Netns, tmp_path: Path, on_exit: str) -> None:
+    """SIGTERM while blocked: open empties the chain, keep leaves the block, remove deletes all."""
+    bed = Bed(netns, tmp_path, firewall={"on_exit": on_exit})
+    bed.run_blocked()
+    daemon_file = bed.state / "daemon.json"
+    info = json.loads(daemon_file.read_text())
+    assert info["pid"] == bed.agent.pid and info["mode"] == "block", info
+    assert bed.agent.stop() == 0
+    stop = bed.agent.find("agent-stop")
+    assert stop and stop[-1]["on_exit"] == on_exit, bed.agent.dump()
+    assert not daemon_file.exists()
+    for family in (4, 6):
+        view = chain_view(netns, family)
+        if on_exit == "open":
+            assert view.open, (family, view)
+        elif on_exit == "keep":
+            assert view.blocked, (family, view)
+        else:
+            assert view.absent, (family, view)
+    bed.agent.check_clean()
+
+
+def test_restart_while_blocked_keeps_one_jump_and_the_block_with_no_open_window(
+        netns: Netns, tmp_path: Path) -> None:
+    """on_exit=keep, service down: across stop + start the REJECT never lapses; duplicates go."""
+    bed = Bed(netns, tmp_path, firewall={"on_exit": "keep"})
+    bed.run_blocked()
+    samples: list[ChainView] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set() and len(samples) < 400:
+            samples.append(chain_view(netns))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert bed.agent.stop() == 0
+        bed.agent.check_clean()
+        # Someone adds a second jump while no agent runs: the next start must reconcile to one.
+        _ipt(netns, "-A", "INPUT", "-j", CHAIN)
+        assert chain_view(netns).jumps == 2
+        bed.agent.start()
+        ready = bed.agent.wait_ready()
+        wait_for(lambda: len(samples) >= 3, 5.0, "samples after the restart")
+    finally:
+        stop.set()
+        sampler.join(10)
+    assert ready["mode"] == "block", ready
+    lapses = [s for s in samples
+              if not (s.jumps >= 1 and s.jump_first and len(s.rules) == 1 and "REJECT" in s.rules[0])]
+    print(f"\n{len(samples)} samples during the restart, {len(lapses)} without the block")
+    assert not lapses, lapses[:3]
+    assert chain_view(netns).blocked and chain_view(netns, 6).blocked  # one jump again
+    bed.agent.check_clean()
+
+
+TAMPER: dict[str, list[tuple[str, ...]]] = {
+    "flush-chain": [("-F", CHAIN)],
+    "delete-jump": [("-D", "INPUT", "-j", CHAIN)],
+    "duplicate-jumps": [("-I", "INPUT", "-j", CHAIN), ("-A", "INPUT", "-j", CHAIN)],
+}
+
+
+@pytest.mark.parametrize("how", sorted(TAMPER))
+def test_tampering_while_blocked_is_repaired_by_the_next_tick(
+        netns: Netns, tmp_path: Path, how: str) -> None:
+    """Chain emptied / jump removed / jumps duplicated (both families): restored, firewall-repair."""
+    bed = Bed(netns, tmp_path, probe={"interval_s": 0.5})
+    bed.run_blocked()
+    mark = bed.agent.mark()
+    t0 = time.monotonic()
+    for family in (4, 6):
+        for args in TAMPER[how]:
+            _ipt(netns, *args, family=family)
+    assert not chain_view(netns).blocked
+    ev = bed.agent.wait_event("firewall-repair", 3.0, after=mark)
+    took = time.monotonic() - t0
+    print(f"\n{how}: repaired after {took * 1000:.0f} ms (interval 0.5 s)")
+    assert ev["trigger"] == "timer", ev
+    wait_for(lambda: chain_view(netns).blocked and chain_view(netns, 6).blocked, 3.0,
+             "both families blocked again")
+    assert took < 2.0
+    bed.agent.check_clean()
+
+
+def test_foreign_rule_in_the_open_chain_is_removed_by_the_next_tick(
+        netns: Netns, tmp_path: Path) -> None:
+    """A rule someone adds to our chain while open is removed (the agent owns the chain)."""
+    bed = Bed(netns, tmp_path, probe={"interval_s": 0.5})
+    bed.agent.start().wait_ready()
+    mark = bed.agent.mark()
+    _ipt(netns, "-A", CHAIN, "-p", "tcp", "--dport", "8080", "-j", "DROP")
+    assert not chain_view(netns).open
+    bed.agent.wait_event("firewall-repair", 3.0, after=mark, trigger="timer")
+    wait_for(lambda: chain_view(netns).open, 3.0, "the chain empty again")
+    bed.agent.check_clean()
+
+
+def test_sighup_with_a_bad_config_keeps_the_old_one_and_keeps_reacting(
+        netns: Netns, tmp_path: Path) -> None:
+    """SIGHUP with an invalid file: config-invalid logged, the daemon lives on, kill-core blocks."""
+    bed = Bed(netns, tmp_path)
+    bed.agent.start().wait_ready()
+    bed.write(probe={"interval_s": EVENT_ONLY_INTERVAL_S, "rise": 0})
+    mark = bed.agent.mark()
+    bed.agent.signal(1)  # SIGHUP
+    ev = bed.agent.wait_event("config-invalid", 3.0, after=mark)
+    assert "rise" in ev["event.reason"], ev
+    assert not bed.agent.find("config-reload", mark), bed.agent.dump()
+    assert chain_view(netns).open
+    mark = bed.agent.mark()
+    bed.svc.ctl("kill-core")
+    ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
+    assert ev["trigger"] == "pidfd", ev
+    assert chain_view(netns).blocked
+    bed.agent.check_clean()
+
+
+def test_sighup_with_a_good_config_applies_the_new_rise(netns: Netns, tmp_path: Path) -> None:
+    """SIGHUP after probe.rise 2 -> 4: config-reload logged; the next recovery needs 4 passes."""
+    bed = Bed(netns, tmp_path, probe={"rise": 2, "rise_interval_ms": 100})
+    bed.agent.start().wait_ready()
+    bed.write(probe={"interval_s": EVENT_ONLY_INTERVAL_S, "rise": 4, "rise_interval_ms": 100})
+    mark = bed.agent.mark()
+    bed.agent.signal(1)  # SIGHUP
+    bed.agent.wait_event("config-reload", 3.0, after=mark)
+    assert not bed.agent.find("config-invalid", mark)
+    mark = bed.agent.mark()
+    bed.svc.ctl("kill-core")
+    ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
+    assert ev["trigger"] == "pidfd", ev  # the pidfd was re-armed after the reload
+    mark = bed.agent.mark()
+    bed.svc.ctl("start")
+    up = bed.agent.wait_event("service-up", 5.0, after=mark)
+    assert up["event.reason"].startswith("4 passes in a row"), up
+    wait_for(lambda: chain_view(netns).open, 2.0, "the chain open again")
+    bed.agent.check_clean()
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a reload drops the pidfd watch and the next probe "
+                   "re-arms it only if the core still lives; a core that dies in that window "
+                   "is blocked only after probe.fall failures, i.e. at the next safety-net tick")
+def test_core_killed_right_after_sighup_is_still_blocked_at_once(
+        netns: Netns, tmp_path: Path) -> None:
+    """A core that dies a few ms after a SIGHUP reload is blocked from kernel events, not the timer."""
+    bed = Bed(netns, tmp_path, probe={"rise": 1})
+    bed.agent.start().wait_ready()
+    # The kill lands a few milliseconds after the SIGHUP, inside the reload (several offsets,
+    # so the window is hit on any machine); each round must block well before the safety net.
+    for delay_ms in (2, 3, 4, 6, 1):
+        core = bed.svc.core_pid
+        assert core is not None
+        mark = bed.agent.mark()
+        bed.agent.signal(signal.SIGHUP)
+        time.sleep(delay_ms / 1000)  # fault placement, not synchronisation
+        os.kill(core, signal.SIGKILL)
+        bed.agent.wait_event("firewall-block", 1.5, after=mark)
+        mark = bed.agent.mark()
+        bed.svc.ctl("start")
+        bed.agent.wait_event("firewall-unblock", 3.0, after=mark)
+    bed.agent.check_clean()
