@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,15 +54,26 @@ class SubprocessRunner:
         if "XTABLES_LOCKFILE" in os.environ:  # iptables-legacy's lock path, honoured as given
             env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
         try:
-            p = subprocess.run(
-                list(argv), input=input, capture_output=True, text=True, timeout=timeout,
-                env=env, check=False,
+            p = subprocess.Popen(
+                list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
             )
         except FileNotFoundError:
             raise BackendUnavailable(f"{argv[0]}: not installed (install Debian's iptables)") from None
         except PermissionError as exc:
             raise BackendUnavailable(f"{argv[0]}: cannot execute: {exc.strerror}") from None
-        return CommandResult(p.returncode, p.stdout, p.stderr)
+        # The bound is a kill timer, not communicate(timeout=): with a timeout, Python waits for
+        # the child's exit by sleeping in steps of 0.5, 1, 2 ms, which costs a millisecond per call.
+        timer = threading.Timer(timeout, p.kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            out, err = p.communicate(input)
+        finally:
+            timer.cancel()
+        if p.returncode < 0:
+            err = f"{err}\n{argv[0]} killed after {timeout:g}s".strip()
+        return CommandResult(p.returncode, out, err)
 
 
 @dataclass(frozen=True)
