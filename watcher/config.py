@@ -132,10 +132,13 @@ def _choice(*choices: str) -> Check:
     return check
 
 
-def _str(max_len: int, pattern_ok: Callable[[str], bool] | None = None, what: str = "") -> Check:
+def _str(max_len: int, pattern_ok: Callable[[str], bool] | None = None, what: str = "",
+         min_len: int = 0) -> Check:
     def check(key: str, v: Any) -> str:
         if not isinstance(v, str):
             raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+        if len(v) < min_len:
+            raise ConfigError(key, "must not be empty")
         if len(v) > max_len:
             raise ConfigError(key, f"must be at most {max_len} characters")
         if "\x00" in v or "\n" in v:
@@ -171,14 +174,14 @@ def _chain(key: str, v: Any) -> str:
 
 
 def _service_name_ok(s: str) -> bool:
-    return all(c.isalnum() or c in "-_.@" for c in s)
+    return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
 
 SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
     "service": (
         ServiceConfig,
         {
-            "name": _str(64, _service_name_ok, "letters, digits and -_.@"),
+            "name": _str(64, _service_name_ok, "ASCII letters, digits and -_.@", min_len=1),
             "pid_file": _abs_path,
             "port": _int(1, 65535),
             "process_name": _str(255, lambda s: "/" not in s, "a name without '/'"),

@@ -475,3 +475,11 @@ def test_valid_config_round_trips_through_a_file(tmp_path: Path, cfg: Config) ->
     p = tmp_path / "c.toml"
     write_full_config(p, cfg)
     assert load_config(p) == cfg
+
+
+@pytest.mark.parametrize("name", ["", "dienst\u00e9", "a b"])
+def test_service_name_must_be_nonempty_ascii(name: str) -> None:
+    """service.name is a non-empty ASCII word: it ends up in log fields and unit names."""
+    with pytest.raises(ConfigError) as err:
+        parse_config({"service": {"name": name}})
+    assert err.value.key == "service.name"
