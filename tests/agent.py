@@ -128,8 +128,8 @@ def agent_config(path: Path, svc_dir: Path, state_dir: Path,
 class Service:
     """The fake SSL VPN service (listener + core) with its state in ``d``, inside ``ns``."""
 
-    def __init__(self, ns: Netns, d: Path, name: str = "server1") -> None:
-        self.ns, self.d, self.name = ns, d, name
+    def __init__(self, ns: Netns, d: Path, name: str = "server1", bind: str = "0.0.0.0") -> None:
+        self.ns, self.d, self.name, self.bind = ns, d, name, bind
         d.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -151,7 +151,7 @@ class Service:
     def start(self, timeout: float = 10.0) -> Service:
         """Start listener and core; return once the service answers 200 on loopback."""
         self.ns.popen([sys.executable, "-m", "tests.testbed.fakesvc", "serve", "--state-dir",
-                       str(self.d), "--name", self.name, "--port", str(PORT)],
+                       str(self.d), "--name", self.name, "--port", str(PORT), "--bind", self.bind],
                       cwd=str(REPO), env=child_env(), stdin=subprocess.DEVNULL,
                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: self.get().ok, timeout, "the fake service answering 200")
@@ -160,7 +160,8 @@ class Service:
     def ctl(self, action: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run the init-script stand-in (``fakesvc ctl ACTION``) inside the namespace."""
         return self.ns.run([sys.executable, "-m", "tests.testbed.fakesvc", "ctl", "--state-dir",
-                            str(self.d), "--name", self.name, "--port", str(PORT), action],
+                            str(self.d), "--name", self.name, "--port", str(PORT), "--bind",
+                            self.bind, action],
                            check=check, env=child_env())
 
     def get(self, host: str = "127.0.0.1", ns: Netns | None = None, timeout: float = 1.0) -> Reply:
