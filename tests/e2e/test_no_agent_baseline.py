@@ -2,7 +2,8 @@
 
 This is the contrast the agent's end-to-end test is measured against: HAProxy has no health
 checks of its own, so without the agent it keeps sending every other request to the server whose
-listener answers 503.
+listener answers 503. The 503 test below uses the load of the shared failover scenario
+(tests/testbed/scenario.py), which test_failover.py runs with and without agents.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tests.netns import wait_for
 from tests.testbed.cluster import CHAIN, Cluster
 from tests.testbed.fakesvc import pid_alive
 from tests.testbed.load import read_records, summarize
+from tests.testbed.scenario import FAILOVERS
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -42,8 +44,8 @@ def test_close_kills_every_process_and_deletes_every_namespace(tmp_path: Path) -
 def test_stopped_service_without_agent_costs_hundreds_of_503s(tmp_path: Path) -> None:
     """Without an agent, stopping server 1 under load gives the client many 503s, all from it."""
     out = tmp_path / "load.jsonl"
-    with Cluster(2, agents=False, workdir=tmp_path) as c:
-        load = c.start_load(out, rate=200, duration=4)
+    with Cluster(FAILOVERS.n_servers, agents=False, workdir=tmp_path) as c:
+        load = c.start_load(out, rate=FAILOVERS.rate, duration=4)
         wait_for(lambda: len(read_records(out)) >= 100, 5, "the first 100 answers")
         before = read_records(out)  # all answered before the stop began
         c.server(1).stop()
