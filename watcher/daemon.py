@@ -88,6 +88,7 @@ class Daemon:
         self._ready = False
         self._stopping = False
         self._last_fail_reason = ""
+        self._known_dead: int | None = None
 
     # ------------------------------------------------------------------ event intake
 
@@ -112,15 +113,25 @@ class Daemon:
         self._timers = [t for t in self._timers if not t.cancelled()]
         self._timers.append(self._loop.call_later(self.cfg.probe.interval_s, self._tick))
 
-    def _start_sources(self, loop: asyncio.AbstractEventLoop) -> None:
-        cfg = self.cfg
+    def _start_process_sources(self, loop: asyncio.AbstractEventLoop) -> None:
+        """pidfd and proc connector: independent of the config, kept across reloads so the
+        tracked process's exit is never missed while the config sources are re-armed."""
         self._pidfd = ProcessWatch(self.emit, self.log)
         self._proc = ProcConnectorSource(self.emit, self.log)
+        self._pidfd.attach(loop)
+        self._proc.attach(loop)
+
+    def _stop_process_sources(self) -> None:
+        for s in (self._pidfd, self._proc):
+            if s is not None:
+                with contextlib.suppress(Exception):
+                    s.close()
+
+    def _start_sources(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = self.cfg
         self._sources = [
             PidFileWatch(cfg.service.pid_file, self.emit, self.log),
             PidFileWatch(cfg.state.dir / ADMIN_FILE, self._emit_admin, self.log),
-            self._pidfd,
-            self._proc,
             ListenerWatch(cfg.service.port, self.emit, self.log),
         ]
         for s in self._sources:
@@ -175,8 +186,13 @@ class Daemon:
         pid = result.pid
         if pid is None:
             return
-        if self._pidfd is not None and self._pidfd.tracked != pid:
-            self._pidfd.track(pid)
+        # A process gone before the watch was armed (or a PID file naming a dead process) is the
+        # same proof of death a pidfd event would have given: say so, once per PID.
+        if (self._pidfd is not None and self._pidfd.tracked != pid
+                and not self._pidfd.track(pid) and pid != self._known_dead):
+            self._known_dead = pid
+            self.emit(Trigger(Source.PIDFD, f"exit pid {pid} (before tracking)", self._clock(),
+                              Evidence.DEATH, {"pid": pid}))
         if self._proc is not None and self._proc.watched != pid:
             self._proc.watch_pid(pid)
 
@@ -340,6 +356,7 @@ class Daemon:
         await loop.run_in_executor(self._exec, lambda: self._fw.families)
         with contextlib.suppress(OSError):
             self._state.ensure()
+        self._start_process_sources(loop)
         self._start_sources(loop)
         worker = loop.create_task(self._worker())
         self.emit(Trigger(Source.STARTUP, "first probe", self._clock()))
@@ -349,6 +366,7 @@ class Daemon:
         with contextlib.suppress(asyncio.CancelledError):
             await worker
         self._stop_sources()
+        self._stop_process_sources()
         await loop.run_in_executor(self._exec, self._on_exit)
         self._exec.shutdown(wait=True)
         self._state.clear_daemon()

@@ -189,9 +189,6 @@ def test_sighup_with_a_good_config_applies_the_new_rise(netns: Netns, tmp_path: 
     bed.agent.check_clean()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a reload drops the pidfd watch and the next probe "
-                   "re-arms it only if the core still lives; a core that dies in that window "
-                   "is blocked only after probe.fall failures, i.e. at the next safety-net tick")
 def test_core_killed_right_after_sighup_is_still_blocked_at_once(
         netns: Netns, tmp_path: Path) -> None:
     """A core that dies a few ms after a SIGHUP reload is blocked from kernel events, not the timer."""
