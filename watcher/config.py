@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from rules.model import RuleError, validate_chain_name
 from watcher.errors import ConfigError
+from watcher.logsinks import FACILITIES, parse_syslog_address
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -71,6 +72,8 @@ class LogConfig:
     level: str = "info"
     file: str = ""  # empty: no file sink
     syslog: bool = False
+    syslog_address: str = "/dev/log"  # or "udp://HOST:PORT", "tcp://HOST:PORT"
+    syslog_facility: str = "daemon"
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,16 @@ def _chain(key: str, v: Any) -> str:
     return v
 
 
+def _syslog_address(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    try:
+        parse_syslog_address(v)
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+    return v
+
+
 def _service_name_ok(s: str) -> bool:
     return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
@@ -221,6 +234,8 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
             "level": _choice("debug", "info", "warning", "error"),
             "file": _str(4096, lambda s: s.startswith("/"), "an absolute path"),
             "syslog": _bool,
+            "syslog_address": _syslog_address,
+            "syslog_facility": _choice(*FACILITIES),
         },
     ),
     "state": (StateConfig, {"dir": _abs_path}),

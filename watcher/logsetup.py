@@ -2,9 +2,10 @@
 
 Field names are ECS dotted keys kept flat (``{"log.level": "info"}``), which ECS allows and
 which is what Elastic's own ecs-logging libraries write; see docs/events.md for the catalogue.
-Three sinks can run at once: a text stream (stdout, captured by journald), a file that follows
-logrotate, and syslog over a unix datagram socket with RFC 5424 framing. A sink that fails
-never raises into the caller: it is counted, reported once as ``sink-failed`` on the other
+Three sinks can run at once (watcher.logsinks): a text stream (stdout, captured by journald),
+a file that follows logrotate, and syslog with RFC 5424 framing to a unix socket (/dev/log) or a
+remote collector over UDP or TCP (octet counting). A sink that fails never raises into the
+caller and never makes it wait: it is counted, reported once as ``sink-failed`` on the other
 sinks, skipped for a growing back-off, then retried.
 """
 
@@ -29,6 +30,18 @@ import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from watcher.config import LogConfig
+from watcher.logsinks import (
+    APP_NAME,
+    BACKOFF_FIRST_S,
+    FACILITIES,
+    FileSink,
+    Meta,
+    NetSyslogSink,
+    Sink,
+    StreamSink,
+    UnixSyslogSink,
+    parse_syslog_address,
+)
 
 __all__ = [
     "ACTIONS",
@@ -41,10 +54,6 @@ __all__ = [
 ]
 
 ECS_VERSION = "8.11.0"
-APP_NAME = "sslvpn-heartbeat"
-DEFAULT_SYSLOG_ADDRESS = "/dev/log"
-ROTATE_CHECK_S = 1.0  # how often the file sink compares its path with its open file
-BACKOFF_FIRST_S = 1.0
 BACKOFF_MAX_S = 60.0
 
 
@@ -108,9 +117,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR, "critical": logging.CRITICAL}
 _METHOD_LEVEL = {"warn": "warning", "exception": "error", "fatal": "critical", "msg": "info",
                  "err": "error", "failure": "error"}
-# RFC 5424 severities, facility daemon (3).
+# RFC 5424 severities.
 _SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
-_FACILITY_DAEMON = 3
 
 
 def _iso_ms(t: float) -> str:
@@ -282,141 +290,9 @@ class SinkStats:
     last_error: str
 
 
-@dataclass(frozen=True)
-class _Meta:
-    severity: int
-    msgid: str
-    timestamp: str
-
-
-class _Sink:
-    """Base: a destination for rendered lines; ``write`` raises on failure, the fan-out counts."""
-
-    name = "sink"
-    fmt = "json"
-    target = ""
-
-    def __init__(self) -> None:
-        self.healthy = True
-        self.written = 0
-        self.failures = 0
-        self.dropped = 0
-        self.dropped_in_outage = 0
-        self.last_error = ""
-        self.retry_at = 0.0
-        self.backoff = BACKOFF_FIRST_S
-
-    def write(self, line: str, meta: _Meta, now: float) -> None:
-        raise NotImplementedError
-
-    def reopen(self) -> None:
-        """Drop any open handle so the next write opens the target afresh."""
-
-    def close(self) -> None:
-        """Release the handle."""
-
-    def stats(self) -> SinkStats:
-        return SinkStats(self.name, self.target, self.healthy, self.written, self.failures,
-                         self.dropped, self.last_error)
-
-
-class _StreamSink(_Sink):
-    name = "stream"
-
-    def __init__(self, stream: TextIO, fmt: str) -> None:
-        super().__init__()
-        self._stream = stream
-        self.fmt = fmt
-        self.target = str(getattr(stream, "name", "stream"))
-
-    def write(self, line: str, meta: _Meta, now: float) -> None:
-        self._stream.write(line + "\n")
-        self._stream.flush()
-
-
-class _FileSink(_Sink):
-    """Appends to a path; reopens when the path no longer names the open file (logrotate)."""
-
-    name = "file"
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.target = path
-        self._fd = -1
-        self._ident = (0, 0)
-        self._checked_at = -ROTATE_CHECK_S
-
-    def _open(self) -> None:
-        fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                     | os.O_NOCTTY, 0o640)
-        st = os.fstat(fd)
-        self._fd, self._ident = fd, (st.st_dev, st.st_ino)
-
-    def _rotated(self) -> bool:
-        try:
-            st = os.stat(self.target)
-        except FileNotFoundError:
-            return True
-        return (st.st_dev, st.st_ino) != self._ident
-
-    def write(self, line: str, meta: _Meta, now: float) -> None:
-        if self._fd >= 0 and now - self._checked_at >= ROTATE_CHECK_S:
-            self._checked_at = now
-            if self._rotated():
-                self.reopen()
-        if self._fd < 0:
-            self._open()
-            self._checked_at = now
-        data = (line + "\n").encode("utf-8", "backslashreplace")
-        while data:
-            data = data[os.write(self._fd, data):]
-
-    def reopen(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            os.close(fd)
-
-
-class _SyslogSink(_Sink):
-    """RFC 5424 datagrams (the JSON line as MSG) to a unix socket; never blocks."""
-
-    name = "syslog"
-
-    def __init__(self, address: str, hostname: str) -> None:
-        super().__init__()
-        self.target = address
-        self._host = (hostname.encode("ascii", "replace")[:255] or b"-").decode()
-        self._sock: socket.socket | None = None
-
-    def write(self, line: str, meta: _Meta, now: float) -> None:
-        if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                                 | socket.SOCK_NONBLOCK)
-            try:
-                sock.connect(self.target)
-            except OSError:
-                sock.close()
-                raise
-            self._sock = sock
-        pri = _FACILITY_DAEMON * 8 + meta.severity
-        header = f"<{pri}>1 {meta.timestamp} {self._host} {APP_NAME} {os.getpid()} {meta.msgid} - "
-        try:
-            self._sock.send(header.encode("ascii", "replace")
-                            + line.encode("utf-8", "backslashreplace"))
-        except OSError:
-            self.reopen()  # the collector may have restarted: connect afresh next time
-            raise
-
-    def reopen(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._sock is not None:
-            sock, self._sock = self._sock, None
-            sock.close()
+def _stats(sink: Sink) -> SinkStats:
+    return SinkStats(sink.name, sink.target, sink.healthy, sink.written, sink.failures,
+                     sink.dropped, sink.last_error)
 
 
 def _describe(exc: BaseException) -> dict[str, Any]:
@@ -432,7 +308,7 @@ _Notice = tuple[str, str, dict[str, Any]]  # (level method, action, fields)
 class _FanOut:
     """The structlog "logger" at the end of the chain: writes one event to every sink."""
 
-    def __init__(self, sinks: list[_Sink], monotonic: Callable[[], float]) -> None:
+    def __init__(self, sinks: list[Sink], monotonic: Callable[[], float]) -> None:
         self.sinks = sinks
         self._monotonic = monotonic
         self._lock = threading.RLock()
@@ -443,7 +319,7 @@ class _FanOut:
     # structlog calls the method named after the level with what the last processor returned.
     def _structlog(self, ed: EventDict) -> None:
         level = str(ed.get("log.level", "info"))
-        meta = _Meta(_SEVERITY.get(level, 6), str(ed.get("event.action", "-"))[:32] or "-",
+        meta = Meta(_SEVERITY.get(level, 6), str(ed.get("event.action", "-"))[:32] or "-",
                      str(ed.get("@timestamp", "-")))
         self.emit(lambda fmt: _RENDERERS[fmt](ed), meta)
 
@@ -451,7 +327,7 @@ class _FanOut:
         _structlog
     )
 
-    def emit(self, render: Callable[[str], str], meta: _Meta) -> None:
+    def emit(self, render: Callable[[str], str], meta: Meta) -> None:
         """Write one event everywhere it can go; never raises, whatever the sinks do."""
         notices: list[_Notice] = []
         # An RLock, so that logging from a signal handler that interrupted emit() cannot deadlock.
@@ -464,13 +340,13 @@ class _FanOut:
         for notice in notices:
             self.notify(notice)
 
-    def _write_all(self, render: Callable[[str], str], meta: _Meta, notices: list[_Notice]) -> None:
+    def _write_all(self, render: Callable[[str], str], meta: Meta, notices: list[_Notice]) -> None:
         if self._reopen_wanted and self._busy == 1:  # not in a write interrupted by a handler
             self._reopen_locked()
         lines: dict[str, str] = {}
         now = self._monotonic()
         for sink in self.sinks:
-            if not sink.healthy and now < sink.retry_at:
+            if not sink.healthy and now < sink.retry_at and not sink.ready_again():
                 sink.dropped += 1
                 sink.dropped_in_outage += 1
                 continue
@@ -490,7 +366,7 @@ class _FanOut:
                     "sink.dropped": sink.dropped_in_outage}))
                 sink.dropped_in_outage = 0
 
-    def _failed(self, sink: _Sink, exc: Exception, now: float, notices: list[_Notice]) -> None:
+    def _failed(self, sink: Sink, exc: Exception, now: float, notices: list[_Notice]) -> None:
         sink.failures += 1
         sink.dropped += 1
         sink.dropped_in_outage += 1
@@ -557,7 +433,7 @@ class _RootHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         level = _METHOD_LEVEL.get(record.levelname.lower(), record.levelname.lower())
-        meta = _Meta(_SEVERITY.get(level, 6), "-", _iso_ms(record.created))
+        meta = Meta(_SEVERITY.get(level, 6), "-", _iso_ms(record.created))
         self._fanout.emit(lambda fmt: self._formatters[fmt].format(record), meta)
 
 
@@ -603,7 +479,7 @@ class Logging:
 
     def stats(self) -> dict[str, SinkStats]:
         """Counters per sink name (``stream``, ``file``, ``syslog``)."""
-        return {s.name: s.stats() for s in self._fanout.sinks}
+        return {s.name: _stats(s) for s in self._fanout.sinks}
 
     @property
     def failures(self) -> int:
@@ -640,6 +516,14 @@ class Logging:
         self.close()
 
 
+def _syslog_sink(address: str, facility: str, hostname: str) -> Sink:
+    addr = parse_syslog_address(address)  # ValueError: config.py has validated it already
+    code = FACILITIES[facility]
+    if addr.transport == "unix":
+        return UnixSyslogSink(addr.path, hostname, code)
+    return NetSyslogSink(addr, hostname, code)
+
+
 def configure(
     cfg: LogConfig,
     *,
@@ -649,13 +533,15 @@ def configure(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     hostname: str | None = None,
-    syslog_address: str = DEFAULT_SYSLOG_ADDRESS,
+    syslog_address: str | None = None,
 ) -> Logging:
     """Set up structlog and the root stdlib logger to write ECS lines to the configured sinks.
 
     ``stream`` defaults to sys.stdout at call time. ``force_format`` ("json" or "console")
     overrides ``cfg.format`` for the stream; the file and syslog sinks always carry JSON.
-    Never raises for a sink that cannot be opened: that sink reports ``sink-failed`` instead.
+    ``syslog_address`` overrides ``cfg.syslog_address`` ("/dev/log", "udp://HOST:PORT",
+    "tcp://HOST:PORT"). Never raises for a sink that cannot be opened or reached: that sink
+    reports ``sink-failed`` instead.
     """
     fmt = force_format or cfg.format
     if fmt not in _RENDERERS:
@@ -664,11 +550,11 @@ def configure(
     if level is None:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {cfg.level!r}")
     host = hostname if hostname is not None else socket.gethostname()
-    sinks: list[_Sink] = [_StreamSink(stream if stream is not None else sys.stdout, fmt)]
+    sinks: list[Sink] = [StreamSink(stream if stream is not None else sys.stdout, fmt)]
     if cfg.file:
-        sinks.append(_FileSink(cfg.file))
+        sinks.append(FileSink(cfg.file))
     if cfg.syslog:
-        sinks.append(_SyslogSink(syslog_address, host))
+        sinks.append(_syslog_sink(syslog_address or cfg.syslog_address, cfg.syslog_facility, host))
     fanout = _FanOut(sinks, monotonic)
     ecs = _Ecs(service_name, host, clock)
     processors: list[Processor] = [structlog.contextvars.merge_contextvars, ecs, _deliver]
