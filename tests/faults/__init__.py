@@ -1,0 +1,1 @@
+"""Fault injection against the real daemon in throwaway network namespaces (issue 6)."""

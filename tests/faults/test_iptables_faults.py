@@ -1,0 +1,143 @@
+"""iptables busy, failing or gone: the daemon retries and converges, never dies; start-up without
+iptables exits 69 having changed nothing; SIGTERM while a swap waits for the lock still exits.
+
+The lock tests run the legacy (x_tables) flavour through ``tests.netns.legacy_path_dir`` and a
+private ``XTABLES_LOCKFILE``, so the host's /run/xtables.lock is never held.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent import child_env
+from tests.faults.bed import Bed, hold_lock, valid
+from tests.netns import Netns, legacy_path_dir
+
+pytestmark = pytest.mark.netns
+
+LOCK_WAIT = {"lock_wait_s": 1.0}
+
+
+def _legacy_bed(netns: Netns, tmp_path: Path, backend: str, **sections: dict[str, object]) -> Bed:
+    lock = tmp_path / "xtables.lock"
+    with legacy_path_dir(tmp_path) as path:
+        env = {"PATH": path, "XTABLES_LOCKFILE": str(lock)}
+    return Bed(netns, tmp_path, env=env, flavour="legacy",
+               firewall={"backend": backend, **LOCK_WAIT}, **sections)
+
+
+@pytest.mark.parametrize("backend", ["restore", "iptc"])
+def test_lock_held_by_another_program_delays_the_block_until_released(
+        netns: Netns, tmp_path: Path, backend: str) -> None:
+    """Lock held while the core dies: retries logged, daemon alive; released -> blocked."""
+    bed = _legacy_bed(netns, tmp_path, backend)
+    bed.start_agent()
+    bed.wait_both("open")
+    mark = bed.agent.mark()
+    with hold_lock(tmp_path / "xtables.lock"):
+        bed.svc.ctl("kill-core")
+        bed.agent.wait_event("apply-failed", 10.0, after=mark)
+        assert bed.alive()
+        assert bed.both("open")  # nothing could change while the lock was held
+        released = time.monotonic()
+    ev = bed.agent.wait_event("firewall-block", 10.0, after=mark)
+    bed.wait_both("blocked")
+    print(f"\n{backend}: blocked {time.monotonic() - released:.2f} s after the lock was released; "
+          f"{len(bed.agent.find('apply-retry', mark))} apply-retry, "
+          f"{len(bed.agent.find('apply-failed', mark))} apply-failed")
+    assert ev["event.reason"] == "retry after failure", ev
+    assert bed.alive()
+    bed.agent.check_clean()
+
+
+def test_sigterm_while_a_swap_waits_for_the_lock_exits_with_a_valid_chain(
+        netns: Netns, tmp_path: Path) -> None:
+    """SIGTERM during a swap stuck on the lock: the daemon exits 0 in bounded time, chain valid."""
+    bed = _legacy_bed(netns, tmp_path, "restore")
+    bed.start_agent()
+    mark = bed.agent.mark()
+    with hold_lock(tmp_path / "xtables.lock"):
+        bed.svc.ctl("kill-core")
+        bed.agent.wait_event("apply-retry", 5.0, after=mark)  # the swap is in progress
+        t0 = time.monotonic()
+        bed.agent.signal(signal.SIGTERM)
+        rc = bed.agent.wait(15.0)
+        took = time.monotonic() - t0
+    print(f"\nSIGTERM during a lock wait: exit {rc} after {took:.2f} s")
+    assert rc == 0, bed.agent.stderr()
+    assert bed.agent.find("agent-stop"), bed.agent.dump()
+    for family in (4, 6):
+        assert valid(bed.view(family)), (family, bed.view(family))
+    bed.agent.check_clean()
+
+
+def _wrappers(tmp_path: Path) -> tuple[Path, Path]:
+    """A bin dir whose iptables programs exec the real ones unless the returned flag file exists."""
+    d, flag = tmp_path / "ipt-bin", tmp_path / "fail-iptables"
+    d.mkdir()
+    for fam in ("iptables", "ip6tables"):
+        for suffix in ("", "-save", "-restore"):
+            real = shutil.which(f"{fam}{suffix}")
+            assert real
+            script = d / f"{fam}{suffix}"
+            script.write_text(f'#!/bin/sh\nif [ -e "{flag}" ]; then echo "injected failure" >&2; '
+                              f'exit 1; fi\nexec "{real}" "$@"\n')
+            script.chmod(0o755)
+    return d, flag
+
+
+@pytest.mark.parametrize("how", ["failing", "missing"])
+def test_iptables_failing_or_gone_at_run_time_is_retried_until_it_works(
+        netns: Netns, tmp_path: Path, how: str) -> None:
+    """restore/save fail (exit 1) or vanish while the core dies: apply-failed, alive, then blocked."""
+    bindir, flag = _wrappers(tmp_path)
+    bed = Bed(netns, tmp_path, env={"PATH": str(bindir)}, firewall={"backend": "restore"})
+    bed.start_agent()
+    bed.wait_both("open")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    if how == "failing":
+        flag.touch()
+    else:
+        for prog in bindir.iterdir():
+            prog.rename(hidden / prog.name)
+    mark = bed.agent.mark()
+    bed.svc.ctl("kill-core")
+    failed = bed.agent.wait_event("apply-failed", 5.0, after=mark)
+    word = "exited 1" if how == "failing" else "not installed"
+    assert word in failed["event.reason"], failed
+    assert bed.alive() and bed.both("open")
+    if how == "failing":
+        flag.unlink()
+    else:
+        for prog in hidden.iterdir():
+            prog.rename(bindir / prog.name)
+    ev = bed.agent.wait_event("firewall-block", 10.0, after=mark)
+    bed.wait_both("blocked")
+    assert ev["event.reason"] == "retry after failure", ev
+    assert bed.alive()
+    bed.agent.check_clean()
+
+
+def test_run_without_iptables_exits_69_and_changes_nothing(netns: Netns, tmp_path: Path) -> None:
+    """`run` with no iptables on PATH exits 69 naming iptables; no chain in either flavour."""
+    bed_cfg = tmp_path / "agent.toml"
+    from tests.agent import agent_config
+
+    agent_config(bed_cfg, tmp_path / "svc", tmp_path / "state")
+    env = child_env(PATH=str(Path(sys.executable).parent))
+    res = netns.run([sys.executable, "-m", "watcher", "run", "--config", str(bed_cfg)],
+                    env=env, check=False, timeout=20)
+    assert res.returncode == 69, (res.returncode, res.stderr)
+    assert "iptables" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    for flavour in ("nft", "legacy"):
+        for family in (4, 6):
+            assert "sslvpn" not in netns.save(family, flavour)
+    assert not os.path.exists(tmp_path / "state" / "daemon.json")
