@@ -1,0 +1,333 @@
+"""The .deb: built with Debian's python3, lintian-clean, installed with apt, driven, purged."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import Netns, wait_for
+from tests.packaging.debpkg import CLEAN_ENV, PACKAGE, BuiltPackage, Installed, dpkg_status
+
+pytestmark = [pytest.mark.slow]
+
+PRIVATE = Path("/usr/share/sslvpn-heartbeat")
+COMMAND = Path("/usr/sbin/sslvpn-heartbeat")
+UNIT = Path("/lib/systemd/system/sslvpn-heartbeat.service")
+INIT = Path("/etc/init.d/sslvpn-heartbeat")
+DEFAULTS = Path("/etc/default/sslvpn-heartbeat")
+CHAIN = "sslvpn-heartbeat-chain"
+MAX_EXPOSURE = 2.0
+
+
+def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run a command with Debian's PATH, output captured, never raising on its exit status."""
+    return subprocess.run(argv, capture_output=True, text=True, env=CLEAN_ENV,  # type: ignore[call-overload]
+                          check=False, **kw)
+
+
+def debian_python_version() -> str:
+    """The version of Debian's /usr/bin/python3."""
+    return run(["/usr/bin/python3", "-c", "import platform; print(platform.python_version())"]
+               ).stdout.strip()
+
+
+# --- the build ---------------------------------------------------------------------------------
+
+
+def test_build_uses_debian_python_and_runs_unit_tests(built: BuiltPackage) -> None:
+    """dh_auto_test ran tests/unit with Debian's python3 (not a pyenv/venv one) and they passed."""
+    version = debian_python_version()
+    assert f"platform linux -- Python {version}," in built.log, "unit tests did not run on " \
+        f"Debian's python3 {version}"
+    assert re.search(r"=+ \d+ passed", built.log), "no passing pytest summary in the build log"
+    assert "tests/unit" in built.log
+
+
+def test_build_leaves_work_tree_clean(built: BuiltPackage) -> None:
+    """The build ran in a temporary copy: no build products appear in the work tree."""
+    from tests.netns import REPO
+
+    for leftover in (".pybuild", "debian/.debhelper", "debian/sslvpn-heartbeat", "debian/files"):
+        assert not (REPO / leftover).exists(), f"{leftover} in the work tree"
+    assert built.tree != REPO
+
+
+def test_depends_come_from_dh_python3_plus_iptables(built: BuiltPackage) -> None:
+    """Depends lists iptables and the Debian packages of every runtime Python dependency."""
+    depends = run(["dpkg-deb", "-f", str(built.deb), "Depends"]).stdout
+    names = {d.strip().split()[0] for d in depends.split(",") if d.strip()}
+    assert {"iptables", "python3-pyroute2", "python3-pyinotify", "python3-iptables",
+            "python3-structlog"} <= names, depends
+    assert any(n.startswith("python3") and "pyroute2" not in n for n in names)
+
+
+def test_package_layout_is_an_application(built: BuiltPackage) -> None:
+    """Modules in the private dir, command in /usr/sbin, nothing on the global python3 path."""
+    listing = run(["dpkg-deb", "-c", str(built.deb)]).stdout
+    paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
+    for need in ("/usr/sbin/sslvpn-heartbeat", f"{PRIVATE}/watcher/cli.py",
+                 f"{PRIVATE}/watcher/sources/__init__.py", f"{PRIVATE}/rules/model.py",
+                 str(UNIT), str(INIT), str(DEFAULTS), "/etc/sslvpn-heartbeat/config.toml",
+                 "/usr/share/man/man8/sslvpn-heartbeat.8.gz", "/etc/logrotate.d/sslvpn-heartbeat",
+                 "/usr/lib/tmpfiles.d/sslvpn-heartbeat.conf"):
+        assert need in paths, f"{need} missing from the package"
+    assert not [p for p in paths if "dist-packages" in p or p.startswith("/usr/bin/")]
+    assert not [p for p in paths if "/tests/" in p or ".hypothesis" in p or "__pycache__" in p]
+
+
+def test_lintian_is_clean(built: BuiltPackage) -> None:
+    """lintian --pedantic -I -E reports nothing: no error, warning, info, pedantic or experimental."""
+    proc = run(["lintian", "--pedantic", "-I", "-E", "--no-tag-display-limit", str(built.changes)],
+               timeout=600)
+    tags = [ln for ln in proc.stdout.splitlines() if re.match(r"^[EWIPX]: ", ln)]
+    assert not tags, "lintian:\n" + "\n".join(tags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- installed ---------------------------------------------------------------------------------
+
+
+def test_installed_files_and_modes(installed: Installed) -> None:
+    """apt installed the files; state dir is root-only; the xtables lock and rc links exist."""
+    assert dpkg_status() == "installed"
+    assert os.access(COMMAND, os.X_OK) and os.access(INIT, os.X_OK)
+    state = Path("/var/lib/sslvpn-heartbeat")
+    assert state.is_dir() and stat.S_IMODE(state.stat().st_mode) == 0o750
+    assert Path("/run/xtables.lock").exists(), "tmpfiles.d did not create the xtables lock"
+    assert list(Path("/etc").glob("rc2.d/S*sslvpn-heartbeat")), "init script not enabled"
+    assert list(Path("/etc").glob("rc0.d/K*sslvpn-heartbeat"))
+    conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", PACKAGE]).stdout
+    assert "/etc/sslvpn-heartbeat/config.toml" in conffiles
+    assert str(DEFAULTS) in conffiles
+
+
+def test_cli_runs_from_private_dir(installed: Installed) -> None:
+    """The command works from /usr/sbin, while `import watcher` fails on the global python3 path."""
+    proc = run([str(COMMAND), "--help"], cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage" in proc.stdout.lower()
+    for sub in ("run", "check", "status", "block", "unblock", "cleanup", "config-check"):
+        assert sub in proc.stdout, f"subcommand {sub} missing from --help"
+    glob = run(["/usr/bin/python3", "-c", "import watcher"], cwd="/")
+    assert glob.returncode != 0 and "ModuleNotFoundError" in glob.stderr
+
+
+def test_config_check_accepts_shipped_config(installed: Installed) -> None:
+    """`config-check` accepts the shipped /etc/sslvpn-heartbeat/config.toml."""
+    proc = run([str(COMMAND), "config-check", "--config", "/etc/sslvpn-heartbeat/config.toml"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_config_check_rejects_bad_config_with_78(installed: Installed, tmp_path: Path) -> None:
+    """A bad key makes config-check exit 78 and name the key (the init script relies on it)."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[service]\nport = 0\n")
+    proc = run([str(COMMAND), "config-check", "--config", str(bad)])
+    assert proc.returncode == 78
+    assert "service.port" in proc.stdout + proc.stderr
+
+
+def test_systemd_analyze_verify(installed: Installed) -> None:
+    """systemd-analyze verify accepts the installed unit without a word about it."""
+    proc = run(["systemd-analyze", "verify", str(UNIT)])
+    assert proc.returncode == 0, proc.stderr
+    assert "sslvpn-heartbeat" not in proc.stderr, proc.stderr
+
+
+def test_systemd_security_exposure(installed: Installed) -> None:
+    """systemd-analyze security --offline rates the unit's exposure at most 2.0."""
+    proc = run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)])
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r"Overall exposure level for sslvpn-heartbeat\.service: (\d+\.\d+)", proc.stdout)
+    assert m, proc.stdout[-2000:]
+    assert float(m.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+def test_init_script_usage_and_syntax(installed: Installed) -> None:
+    """The init script parses with sh -n and answers an unknown action with usage and exit 3."""
+    assert run(["sh", "-n", str(INIT)]).returncode == 0
+    proc = run([str(INIT), "no-such-action"])
+    assert proc.returncode == 3 and "Usage" in proc.stderr
+
+
+# --- the init script driving the real daemon in a namespace ------------------------------------
+
+FAKE_SERVICE = """
+import http.server, os, sys
+pid_file, port = sys.argv[1], int(sys.argv[2])
+srv = http.server.HTTPServer(("0.0.0.0", port), http.server.BaseHTTPRequestHandler)
+tmp = pid_file + ".tmp"
+with open(tmp, "w") as f:
+    f.write(f"{os.getpid()}\\n")
+os.rename(tmp, pid_file)
+srv.serve_forever()
+"""
+
+
+def daemon_present(built: BuiltPackage) -> bool:
+    """True if the packaged tree has the daemon (`run`): watcher/daemon.py with run_daemon."""
+    daemon = built.tree / "watcher" / "daemon.py"
+    return daemon.exists() and "def run_daemon" in daemon.read_text()
+
+
+class Scene:
+    """A namespace with a fake service, a test config, and the defaults file pointing at it."""
+
+    def __init__(self, ns: Netns, tmp: Path) -> None:
+        self.ns, self.tmp = ns, tmp
+        self.pid_file = tmp / "svc.pid"
+        self.log = tmp / "daemon.log"
+        self.config = tmp / "config.toml"
+        self.config.write_text(
+            "[service]\n"
+            f'pid_file = "{self.pid_file}"\nport = 8080\n'
+            "[probe]\ninterval_s = 0.5\ntimeout_ms = 500\nrise_interval_ms = 50\n"
+            f'[state]\ndir = "{tmp / "state"}"\n'
+        )
+        self.service: subprocess.Popen[bytes] | None = None
+
+    def start_service(self) -> None:
+        """Start the fake service and wait for its PID file."""
+        self.pid_file.unlink(missing_ok=True)
+        self.service = self.ns.popen(["/usr/bin/python3", "-c", FAKE_SERVICE,
+                                      str(self.pid_file), "8080"])
+        wait_for(self.pid_file.exists, 10, "the fake service's PID file")
+
+    def kill_service(self) -> None:
+        """SIGKILL the fake service."""
+        assert self.service is not None
+        os.kill(self.service.pid, signal.SIGKILL)
+        self.service.wait(5)
+
+    def init(self, action: str) -> subprocess.CompletedProcess[str]:
+        """Run the installed init script's ``action`` inside the namespace."""
+        return self.ns.run([str(INIT), action], env=CLEAN_ENV, check=False, timeout=120)
+
+    def chain(self) -> str:
+        """The agent's chain in the namespace, as iptables-save prints it (IPv4)."""
+        out = self.ns.run(["iptables-save", "-t", "filter"]).stdout
+        return "\n".join(ln for ln in out.splitlines() if CHAIN in ln)
+
+    def blocked(self) -> bool:
+        """True if the chain holds the REJECT rule for port 8080."""
+        return "--dport 8080" in self.chain() and "REJECT" in self.chain()
+
+
+@pytest.fixture
+def scene(installed: Installed, tmp_path: Path) -> Iterator[Scene]:
+    """A fresh namespace and test config; the defaults file is restored and the daemon stopped."""
+    if not daemon_present(installed.built):
+        pytest.skip("the daemon (`sslvpn-heartbeat run`, watcher/daemon.py) is not written yet")
+    ns = Netns("pki")
+    s = Scene(ns, tmp_path)
+    saved = DEFAULTS.read_bytes()
+    DEFAULTS.write_text(f"CONFIG={s.config}\nLOGFILE={s.log}\nSTART_TIMEOUT=20\nSTOP_TIMEOUT=5\n")
+    try:
+        yield s
+    finally:
+        try:
+            s.init("stop")
+        finally:
+            DEFAULTS.write_bytes(saved)
+            ns.close()
+            Path("/run/sslvpn-heartbeat.pid").unlink(missing_ok=True)
+
+
+@pytest.mark.netns
+def test_init_script_start_status_stop(scene: Scene) -> None:
+    """start waits for readiness, status reports it, the chain follows health, stop opens it."""
+    scene.start_service()
+    proc = scene.init("start")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + scene.log.read_text(errors="replace")
+    # READY=1 comes after the first probe and swap: the chain exists, open, when start returns.
+    assert f":{CHAIN}" in scene.chain() and not scene.blocked(), scene.chain()
+    assert scene.init("status").returncode == 0
+    scene.kill_service()
+    wait_for(scene.blocked, 10, "the REJECT rule after the service died")
+    proc = scene.init("stop")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert scene.init("status").returncode == 3
+    assert not scene.blocked(), "stop (on_exit = open) left the REJECT rule"
+    assert not Path("/run/sslvpn-heartbeat.pid").exists()
+
+
+@pytest.mark.netns
+def test_init_script_start_refuses_bad_config(scene: Scene) -> None:
+    """start fails at once on an invalid config, starts nothing and changes no rule."""
+    scene.config.write_text("[firewall]\non_exit = \"sometimes\"\n")
+    proc = scene.init("start")
+    assert proc.returncode != 0
+    assert scene.init("status").returncode == 3
+    assert scene.chain() == ""
+
+
+@pytest.mark.netns
+def test_try_restart_keep_never_opens_a_blocked_chain(scene: Scene) -> None:
+    """The upgrade restart replaces the daemon while the REJECT rule stays in place throughout."""
+    scene.start_service()
+    assert scene.init("start").returncode == 0
+    scene.kill_service()
+    wait_for(scene.blocked, 10, "the REJECT rule after the service died")
+    old_pid = Path("/run/sslvpn-heartbeat.pid").read_text().strip()
+    gaps: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not scene.blocked():
+                gaps.append(scene.chain())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = scene.init("try-restart-keep")
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    new_pid = Path("/run/sslvpn-heartbeat.pid").read_text().strip()
+    assert new_pid != old_pid, "the daemon was not replaced"
+    assert not gaps, f"the chain was open during the restart: {gaps[0]!r}"
+    assert scene.blocked()
+
+
+# --- removal -----------------------------------------------------------------------------------
+
+
+def test_purge_leaves_nothing(installed: Installed) -> None:
+    """Removal deletes the chain and its jump (in the namespace); purge leaves no file behind."""
+    installed.ensure()
+    files = [Path(p) for p in run(["dpkg-query", "-L", PACKAGE]).stdout.splitlines() if p]
+    ns = installed.ns
+    # The agent's chain, blocked, as the daemon or an admin block leaves it.
+    block = ns.run([str(COMMAND), "block", "--reason", "packaging test", "--config",
+                    "/etc/sslvpn-heartbeat/config.toml"], env=CLEAN_ENV, check=False)
+    assert block.returncode == 0, block.stdout + block.stderr
+    assert CHAIN in ns.run(["iptables-save", "-t", "filter"]).stdout
+    installed.purge()
+    assert dpkg_status() == "not-installed"
+    assert CHAIN not in ns.run(["iptables-save", "-t", "filter"]).stdout, "a rule outlived it"
+    if ns.run(["sh", "-c", "command -v ip6tables-save"], check=False).returncode == 0:
+        assert CHAIN not in ns.run(["ip6tables-save", "-t", "filter"]).stdout
+    shared = {Path(p) for p in ("/etc", "/etc/default", "/etc/init.d", "/etc/logrotate.d", "/lib",
+                                "/lib/systemd", "/lib/systemd/system", "/usr", "/usr/lib",
+                                "/usr/lib/tmpfiles.d", "/usr/sbin", "/usr/share",
+                                "/usr/share/doc", "/usr/share/man", "/usr/share/man/man8",
+                                "/usr/share/python3", "/usr/share/python3/runtime.d", "/.")}
+    left = [p for p in files if p not in shared and (p.exists() or p.is_symlink())]
+    assert not left, f"left behind: {left}"
+    for path in (PRIVATE, Path("/etc/sslvpn-heartbeat"), Path("/var/lib/sslvpn-heartbeat"),
+                 Path("/var/log/sslvpn-heartbeat"), Path("/run/sslvpn-heartbeat.pid")):
+        assert not path.exists(), f"{path} left behind"
+    assert not list(Path("/etc").glob("rc?.d/*sslvpn-heartbeat"))
+    assert not Path("/etc/systemd/system/multi-user.target.wants/sslvpn-heartbeat.service"
+                    ).is_symlink()
+

@@ -1,0 +1,130 @@
+"""The files under packaging/ agree with the program: fast checks, no build, no root."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.netns import REPO
+from watcher.config import SCHEMA, Config, load_config
+
+PKG = REPO / "packaging"
+
+
+def test_shipped_config_equals_defaults() -> None:
+    """The shipped config.toml loads and says exactly what the built-in defaults say."""
+    assert load_config(PKG / "config.toml") == Config()
+
+
+def test_shipped_config_sets_and_documents_every_key() -> None:
+    """Every key of every section is set in the shipped config, each after a comment line."""
+    text = (PKG / "config.toml").read_text()
+    data = tomllib.loads(text)
+    assert set(data) == set(SCHEMA)
+    lines = text.splitlines()
+    for section, (_cls, checks) in SCHEMA.items():
+        assert set(data[section]) == set(checks), f"[{section}] keys differ from the schema"
+        start = lines.index(f"[{section}]")
+        for key in checks:
+            idx = next(i for i in range(start, len(lines)) if lines[i].startswith(f"{key} = "))
+            above = lines[start + 1:idx]
+            assert any(ln.startswith("#") for ln in above), f"{section}.{key} is not documented"
+
+
+def test_shipped_config_matches_manual_page_defaults() -> None:
+    """Port 8080, the chain sslvpn-heartbeat-chain and the novell-sslvpn service, as the manual."""
+    cfg = load_config(PKG / "config.toml")
+    assert cfg.service.port == 8080
+    assert cfg.service.name == "novell-sslvpn"
+    assert cfg.firewall.chain == "sslvpn-heartbeat-chain"
+
+
+def test_man_page_names_every_key_and_subcommand() -> None:
+    """sslvpn-heartbeat(8) mentions every config key, subcommand and exit code."""
+    man = (PKG / "sslvpn-heartbeat.8").read_text().replace("\\-", "-")
+    for section, (_cls, checks) in SCHEMA.items():
+        assert f"[{section}]" in man
+        for key in checks:
+            assert re.search(rf"\b{re.escape(key)}\b", man), f"{section}.{key} not in the man page"
+    for sub in ("run", "check", "status", "block", "unblock", "cleanup", "config-check",
+                "--drain", "--reason", "--json", "--log-format", "--config"):
+        assert sub in man, f"{sub} not in the man page"
+    for code in ("0", "1", "2", "69", "78"):
+        assert re.search(rf"^\.B {code}$", man, re.M), f"exit code {code} not in the man page"
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="man-db not installed")
+def test_man_page_renders_without_warnings() -> None:
+    """groff renders the man page without a warning (lintian's groff-message check)."""
+    proc = subprocess.run(["man", "--warnings", "-E", "UTF-8", "-l", "-Tutf8", "-Z",
+                           str(PKG / "sslvpn-heartbeat.8")], capture_output=True, text=True,
+                          env={"LC_ALL": "C.UTF-8", "MANROFFSEQ": "", "MANWIDTH": "80",
+                               "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+
+
+def lsb_headers(path: Path) -> dict[str, str]:
+    """The LSB header fields of an init script."""
+    text = path.read_text()
+    block = text.split("### BEGIN INIT INFO", 1)[1].split("### END INIT INFO", 1)[0]
+    fields: dict[str, str] = {}
+    for line in block.splitlines():
+        m = re.match(r"# ([A-Za-z-]+):\s*(.*)", line)
+        if m:
+            fields[m.group(1)] = m.group(2).strip()
+    return fields
+
+
+def test_init_script_headers_as_the_manual_installs_it() -> None:
+    """insserv headers: $network $remote_fs, should start after novell-sslvpn, runlevels 2-5."""
+    h = lsb_headers(PKG / "sslvpn-heartbeat.init")
+    assert h["Provides"] == "sslvpn-heartbeat"
+    assert set(h["Required-Start"].split()) == {"$network", "$remote_fs"}
+    assert h["Should-Start"].split() == ["novell-sslvpn"]
+    assert h["Default-Start"].split() == ["2", "3", "4", "5"]
+    assert h["Default-Stop"].split() == ["0", "1", "6"]
+
+
+def test_init_script_actions() -> None:
+    """The init script handles start, stop, restart, force-reload, reload and status; sh -n ok."""
+    text = (PKG / "sslvpn-heartbeat.init").read_text()
+    for action in ("start", "stop", "restart", "force-reload", "reload", "status",
+                   "try-restart-keep"):
+        assert re.search(rf"^\s*(\S+\|)*{re.escape(action)}(\|\S+)*\)", text, re.M), action
+    assert subprocess.run(["sh", "-n", str(PKG / "sslvpn-heartbeat.init")]).returncode == 0
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """The unit file's settings, each key with all its values in order."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_unit_is_notify_with_watchdog_and_sandbox() -> None:
+    """Type=notify, watchdog, restart on failure, two capabilities, writable state and lock."""
+    u = unit_settings(PKG / "sslvpn-heartbeat.service")
+    assert u["Type"] == ["notify"]
+    assert u["WatchdogSec"] and u["Restart"] == ["on-failure"]
+    assert set(u["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert u["ProtectSystem"] == ["strict"]
+    assert u["StateDirectory"] == ["sslvpn-heartbeat"]
+    assert "/run/xtables.lock" in u["ReadWritePaths"][0].split()
+    assert "/usr/sbin/sslvpn-heartbeat run" in u["ExecStart"][0]
+    for fw in ("netfilter-persistent.service", "firewalld.service", "ufw.service"):
+        assert fw in u["After"][0].split() and fw in u["PartOf"][0].split()
+
+
+def test_tmpfiles_creates_the_xtables_lock() -> None:
+    """The tmpfiles.d entry creates /run/xtables.lock, which the unit's ReadWritePaths needs."""
+    text = (PKG / "sslvpn-heartbeat.tmpfiles").read_text()
+    assert re.search(r"^f /run/xtables\.lock 0600 root root", text, re.M)
