@@ -315,6 +315,8 @@ class _FanOut:
         self._busy = 0
         self._reopen_wanted = False
         self.notify: Callable[[_Notice], None] = lambda notice: None
+        for sink in sinks:
+            sink.report_failure = self._report_failure
 
     # structlog calls the method named after the level with what the last processor returned.
     def _structlog(self, ed: EventDict) -> None:
@@ -366,10 +368,22 @@ class _FanOut:
                     "sink.dropped": sink.dropped_in_outage}))
                 sink.dropped_in_outage = 0
 
-    def _failed(self, sink: Sink, exc: Exception, now: float, notices: list[_Notice]) -> None:
+    def _report_failure(self, sink: Sink, exc: Exception) -> None:
+        """A sink's background worker failed: report it now, not at the next event's write."""
+        notices: list[_Notice] = []
+        with self._lock:
+            if sink.healthy:
+                self._failed(sink, exc, self._monotonic(), notices, dropped=0)
+            else:
+                sink.last_error = f"{type(exc).__name__}: {exc}"
+        for notice in notices:
+            self.notify(notice)
+
+    def _failed(self, sink: Sink, exc: Exception, now: float, notices: list[_Notice],
+                dropped: int = 1) -> None:
         sink.failures += 1
-        sink.dropped += 1
-        sink.dropped_in_outage += 1
+        sink.dropped += dropped
+        sink.dropped_in_outage += dropped
         sink.last_error = f"{type(exc).__name__}: {exc}"
         if sink.healthy:
             sink.healthy = False

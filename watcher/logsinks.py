@@ -17,6 +17,7 @@ import queue
 import select
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -145,6 +146,8 @@ class Sink:
         self.last_error = ""
         self.retry_at = 0.0
         self.backoff = BACKOFF_FIRST_S
+        # Set by the fan-out: a sink whose failures happen off the caller's thread reports here.
+        self.report_failure: Callable[[Sink, Exception], None] = lambda sink, exc: None
 
     def write(self, line: str, meta: Meta, now: float) -> None:
         """Deliver one line or raise; must not block."""
@@ -274,9 +277,10 @@ class NetSyslogSink(Sink):
 
     ``write`` only frames the line and puts it on a bounded queue: a full queue raises
     BlockingIOError (the line is dropped and counted). Connecting, resolving and sending happen
-    in the worker; when it fails it drops what is queued and records the error, which the next
-    ``write`` raises (so the fan-out reports it once and backs off); each later ``write``
-    during the outage hands its frame to the worker as a reconnect attempt.
+    in the worker; when it fails it drops what is queued, records the error and reports it
+    through ``report_failure`` at once. While the error stands, ``write`` raises it (the
+    fan-out backs off) after handing its frame to the worker as a reconnect attempt; once the
+    worker gets through, ``ready_again`` ends the back-off.
     """
 
     name = "syslog"
@@ -394,6 +398,7 @@ class NetSyslogSink(Sink):
             with self._mu:
                 self._error = exc
                 self._lost += 1 + self._drain()
+            self.report_failure(self, exc)  # sink-failed now, while the agent may be quiet
             return
         self.sent += 1
         if self._error is not None:

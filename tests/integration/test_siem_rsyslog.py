@@ -1,0 +1,262 @@
+"""The agent's events through a real rsyslog, as a SIEM receives them; a dead collector costs nothing.
+
+Each test runs Debian's rsyslogd on a private configuration inside a throwaway namespace: a
+relay that loads packaging/rsyslog/sslvpn-heartbeat.conf (mmjsonparse, forward with octet
+counting) and a collector that loads packaging/rsyslog/collector.conf (mmjsonparse, one JSON
+object per line to a file). The real daemon watches the fake service in the same namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent import Agent, Service, agent_config
+from tests.netns import REPO, Netns, wait_for
+from watcher.logsetup import ACTIONS, ECS_VERSION
+
+pytestmark = pytest.mark.netns
+
+RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+if not os.path.exists(RSYSLOGD):
+    pytestmark = [pytestmark, pytest.mark.skip(reason="rsyslog is not installed")]
+
+SAMPLES = REPO / "packaging" / "rsyslog"
+RELAY_PORT = 10514  # where the relay takes the agent's events (tcp and udp), inside the namespace
+COLLECTOR_PORT = 6514  # the collector's port, as in the sample (the namespace is private)
+TRANSITIONS = ("service-down", "firewall-block", "service-up", "firewall-unblock")
+EVENT_ONLY_INTERVAL_S = 30.0
+DEAD_HOST = "127.0.0.66"
+DEAD = f"tcp://{DEAD_HOST}:{COLLECTOR_PORT}"
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+class Rsyslog:
+    """rsyslogd -n on its own configuration, work directory and PID file, inside ``ns``."""
+
+    def __init__(self, ns: Netns, d: Path, conf: str) -> None:
+        self.ns, self.d = ns, d
+        (d / "work").mkdir(parents=True, exist_ok=True)
+        self.conf = d / "rsyslog.conf"
+        self.conf.write_text(f'global(workDirectory="{d / "work"}" maxMessageSize="64k")\n' + conf)
+        self.pid_file = d / "rsyslogd.pid"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: str) -> Rsyslog:
+        """Check the configuration (-N1), start the daemon, wait until ``ready`` (a path or
+        "tcp:PORT"/"udp:PORT") is served."""
+        check = self.ns.run([RSYSLOGD, "-N1", "-f", str(self.conf)], check=False)
+        assert check.returncode == 0, f"rsyslog rejects {self.conf}:\n{check.stderr}{check.stdout}"
+        with open(self.d / "rsyslogd.err", "wb") as err:
+            self.proc = self.ns.popen([RSYSLOGD, "-n", "-f", str(self.conf), "-i",
+                                       str(self.pid_file)], stdout=err, stderr=err,
+                                      stdin=subprocess.DEVNULL)
+        wait_for(lambda: self._serving(ready), 10, f"rsyslogd serving {ready}")
+        return self
+
+    def _serving(self, ready: str) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"rsyslogd exited: {(self.d / 'rsyslogd.err').read_text()}")
+        if ready.startswith("/"):
+            return os.path.exists(ready)
+        proto, port = ready.split(":")
+        flag = "-Hltn" if proto == "tcp" else "-Hlun"
+        return bool(self.ns.run(["ss", flag, f"sport = :{port}"]).stdout.strip())
+
+    def stop(self) -> None:
+        """SIGTERM rsyslogd (it flushes its files) and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+
+def sample(name: str, **replace: str) -> str:
+    """A packaged rsyslog sample with its site-specific values replaced for this test."""
+    text = (SAMPLES / name).read_text()
+    for old, new in replace.items():
+        assert old in text, f"{old!r} not in {name}"
+        text = text.replace(old, new)
+    return text
+
+
+def start_collector(ns: Netns, d: Path) -> tuple[Rsyslog, Path]:
+    """The SIEM-side rsyslog from collector.conf; returns it and the file its JSON lines go to."""
+    conf = sample("collector.conf", **{"/var/log/siem/": f"{d}/"})
+    return Rsyslog(ns, d, conf).start(f"tcp:{COLLECTOR_PORT}"), d / "sslvpn-heartbeat.json"
+
+
+def start_relay(ns: Netns, d: Path, transport: str) -> tuple[Rsyslog, str]:
+    """The agent-side rsyslog from sslvpn-heartbeat.conf, taking the agent's events over
+    ``transport``; returns it and the agent's ``syslog_address``."""
+    d.mkdir(parents=True, exist_ok=True)
+    if transport == "unix":
+        sock = str(d / "log.sock")
+        inputs = ('module(load="imuxsock" SysSock.Use="off")\n'
+                  f'input(type="imuxsock" Socket="{sock}" UseSpecialParser="off" '
+                  'ParseHostname="on")\n')
+        address, ready = sock, sock
+    else:
+        inputs = (f'module(load="im{transport}")\n'
+                  f'input(type="im{transport}" address="127.0.0.1" port="{RELAY_PORT}")\n')
+        address, ready = f"{transport}://127.0.0.1:{RELAY_PORT}", f"{transport}:{RELAY_PORT}"
+    (d / "sslvpn-heartbeat.conf").write_text(sample(
+        "sslvpn-heartbeat.conf", **{'"siem.example.org"': '"127.0.0.1"',
+                                    "/var/log/sslvpn-heartbeat-unparsed.log":
+                                        str(d / "unparsed.log")}))
+    conf = inputs + f'include(file="{d / "sslvpn-heartbeat.conf"}")\n'
+    return Rsyslog(ns, d, conf).start(ready), address
+
+
+def received(path: Path) -> list[dict[str, Any]]:
+    """Every line the collector wrote, each parsed as one JSON object."""
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        obj = json.loads(line)  # a line that is not JSON fails the test here
+        assert isinstance(obj, dict), f"line {n} is not an object: {line!r}"
+        out.append(obj)
+    return out
+
+
+def failover(svc: Service, agent: Agent) -> tuple[dict[str, Any], int]:
+    """Kill the core, wait for the block, restart it, wait for the unblock; returns the block
+    event and the log mark taken before the kill."""
+    mark = agent.mark()
+    svc.ctl("kill-core")
+    block = agent.wait_event("firewall-block", 5.0, after=mark)
+    svc.ctl("start")
+    agent.wait_event("firewall-unblock", 10.0, after=mark)
+    return block, mark
+
+
+def check_catalogue_fields(ev: dict[str, Any], pid: int) -> None:
+    """The fields docs/events.md promises for a transition event."""
+    action = ev["event.action"]
+    cls = ACTIONS[action]
+    assert ev["ecs.version"] == ECS_VERSION, ev
+    assert TIMESTAMP.match(ev["@timestamp"]), ev
+    assert ev["log.level"] == "info" and ev["message"] == action, ev
+    assert ev["event.kind"] == cls.kind and ev["event.category"] == list(cls.category), ev
+    assert ev["event.type"] == list(cls.type) and ev["event.outcome"] == cls.outcome, ev
+    assert ev["service.name"] == "fakevpn" and ev["process.pid"] == pid, ev
+    assert ev["host.hostname"] and ev["event.reason"] and ev["trigger"] and "detail" in ev, ev
+    if action.startswith("service-"):
+        assert ev["health.state"] == action.split("-")[1], ev
+    else:
+        assert isinstance(ev["event.duration"], int) and ev["event.duration"] >= 0, ev
+        assert ev["latency_ms"] == round(ev["event.duration"] / 1e6, 3), ev
+        assert ev["families"] == ["ipv4", "ipv6"] and ev["transactions"] >= 1, ev
+        assert isinstance(ev["apply_ms"], int | float), ev
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp", "unix"])
+def test_failover_events_reach_the_collector_as_catalogued_json(
+        netns: Netns, tmp_path: Path, transport: str) -> None:
+    """Two failovers: every event reaches rsyslog intact as JSON with the catalogue's fields,
+    and the file sink loses nothing across a logrotate-style rename with SIGUSR1."""
+    collector, out = start_collector(netns, tmp_path / "collector")
+    relay, address = start_relay(netns, tmp_path / "relay", transport)
+    svc = Service(netns, tmp_path / "svc").start()
+    log_file = tmp_path / "agent.json"
+    cfg = agent_config(tmp_path / "agent.toml", svc.d, tmp_path / "state",
+                       probe={"interval_s": EVENT_ONLY_INTERVAL_S, "rise_interval_ms": 50},
+                       log={"syslog": True, "syslog_address": address, "file": str(log_file)})
+    agent = Agent(netns, cfg, tmp_path).start()
+    agent.wait_ready()
+    start_mark = agent.mark()  # before: the initial verdict and the first firewall-unblock
+    _, mark = failover(svc, agent)
+    os.rename(log_file, tmp_path / "agent.json.1")  # logrotate's "create" step, then its signal
+    agent.signal(signal.SIGUSR1)
+    failover(svc, agent)
+    assert agent.stop() == 0
+    sent = agent.events()
+    assert sent[-1]["event.action"] == "agent-stop"
+
+    got = wait_for(lambda: (lambda r: r if len(r) >= len(sent) else None)(received(out)),
+                   10, "every event at the collector")
+    assert got == sent  # the same objects, in order: nothing lost, added or re-encoded
+    print(f"\none failover as received by rsyslog over {transport}:")
+    for ev in got[mark:]:
+        if ev["event.action"] in TRANSITIONS or ev["event.action"] == "probe-failed":
+            print(json.dumps(ev, separators=(",", ":")))
+    transitions = [e for e in got[start_mark:] if e["event.action"] in TRANSITIONS]
+    assert [e["event.action"] for e in transitions] == list(TRANSITIONS) * 2, transitions
+    for ev in transitions:
+        check_catalogue_fields(ev, agent.pid)
+    assert not (tmp_path / "relay" / "unparsed.log").exists()
+    assert not (tmp_path / "collector" / "sslvpn-heartbeat-rejected.log").exists()
+
+    rotated = [json.loads(x) for x in (tmp_path / "agent.json.1").read_text().splitlines()]
+    current = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert rotated + current == sent and current, (len(rotated), len(current), len(sent))
+    assert current[0]["@timestamp"] >= rotated[-1]["@timestamp"]
+    relay.stop()
+    collector.stop()
+    agent.check_clean()
+
+
+def block_latencies(svc: Service, agent: Agent, rounds: int) -> list[float]:
+    """latency_ms of ``rounds`` core-kill blocks (kernel event to rule committed, which
+    includes logging service-down before the apply)."""
+    lat = []
+    for _ in range(rounds):
+        block, _ = failover(svc, agent)
+        assert block["trigger"] == "pidfd", block
+        lat.append(float(block["latency_ms"]))
+    return lat
+
+
+def run_agent(netns: Netns, d: Path, svc: Service, address: str) -> Agent:
+    """The daemon on ``svc`` with syslog to ``address``; returned once ready."""
+    d.mkdir()
+    cfg = agent_config(d / "agent.toml", svc.d, d / "state",
+                       probe={"interval_s": EVENT_ONLY_INTERVAL_S, "rise_interval_ms": 50},
+                       log={"syslog": True, "syslog_address": address})
+    agent = Agent(netns, cfg, d).start()
+    agent.wait_ready()
+    return agent
+
+
+def test_dead_collector_does_not_delay_a_block(netns: Netns, tmp_path: Path) -> None:
+    """A TCP collector that swallows SYNs (blackholed) costs a block no measurable time: the
+    sink fails once, in the background, and the agent says so once."""
+    rounds = 6
+    collector, out = start_collector(netns, tmp_path / "collector")
+    svc = Service(netns, tmp_path / "svc").start()
+    live = run_agent(netns, tmp_path / "live", svc, f"tcp://127.0.0.1:{COLLECTOR_PORT}")
+    block_latencies(svc, live, 1)  # warm-up (imports, first connect)
+    alive = block_latencies(svc, live, rounds)
+    assert live.stop() == 0
+    wait_for(lambda: any(e["event.action"] == "agent-stop" for e in received(out)), 10,
+             "the live agent's events at the collector")
+    assert not live.find("sink-failed")
+    collector.stop()
+
+    # The namespace's OUTPUT drops every packet to the collector: a SYN is never answered
+    # nor refused (the agent owns only its own chain, so this rule is ours alone).
+    netns.run(["iptables", "-A", "OUTPUT", "-d", DEAD_HOST, "-j", "DROP"])
+    dead_agent = run_agent(netns, tmp_path / "dead", svc, DEAD)
+    block_latencies(svc, dead_agent, 1)
+    failed = dead_agent.wait_event("sink-failed", 10.0)  # the 3 s connect timeout has passed
+    dead = block_latencies(svc, dead_agent, rounds)
+    assert dead_agent.stop() == 0
+    print(f"\nblock latency_ms with a live collector: {alive}\n"
+          f"block latency_ms with a dead collector: {dead}\n"
+          f"medians: live {statistics.median(alive):.3f} ms, dead {statistics.median(dead):.3f} ms")
+    assert failed["sink.name"] == "syslog" and failed["sink.target"] == DEAD
+    assert failed["error.type"] in ("TimeoutError", "OSError"), failed
+    assert len(dead_agent.find("sink-failed")) == 1 and not dead_agent.find("sink-recovered")
+    assert statistics.median(dead) < statistics.median(alive) + 20.0
+    assert max(dead) < 1000.0  # the connect timeout is 3 s: one blocking connect would show
+    dead_agent.check_clean()
