@@ -47,6 +47,7 @@ __all__ = [
     "Server",
     "default_agent_argv",
     "default_agent_config",
+    "http_get",
     "install_signal_handlers",
     "render_haproxy_cfg",
     "socket_in",
