@@ -101,6 +101,8 @@ def parse_syslog_address(text: str) -> SyslogAddress:
         host, colon, port_s = rest.rpartition(":")
         if not colon or not host:
             raise ValueError(f"must name HOST:PORT, got {text!r}")
+        if ":" in host:
+            raise ValueError(f"an IPv6 address must be in brackets, [ADDR]:PORT, got {text!r}")
         if not _host_ok(host):
             raise ValueError(f"{host!r} is not a host name or IPv4 address")
     if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
@@ -263,6 +265,20 @@ class UnixSyslogSink(Sink):
             sock.close()
 
 
+def _open_socket(a: SyslogAddress, timeout: float) -> socket.socket:
+    """A socket connected to the collector (resolving its name here, in the worker thread)."""
+    if a.transport == "tcp":
+        return socket.create_connection((a.host, a.port), timeout=timeout)
+    family, kind, proto, _, addr = socket.getaddrinfo(a.host, a.port, type=socket.SOCK_DGRAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.connect(addr)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class _Token:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -287,7 +303,8 @@ class NetSyslogSink(Sink):
 
     def __init__(self, address: SyslogAddress, hostname: str, facility: int, *,
                  queue_max: int = QUEUE_MAX, connect_timeout: float = CONNECT_TIMEOUT_S,
-                 send_timeout: float = SEND_TIMEOUT_S) -> None:
+                 send_timeout: float = SEND_TIMEOUT_S,
+                 connect: Callable[[SyslogAddress, float], socket.socket] | None = None) -> None:
         super().__init__()
         if address.transport not in ("udp", "tcp"):
             raise ValueError(f"not a network address: {address}")
@@ -296,6 +313,7 @@ class NetSyslogSink(Sink):
         self._host = _header_host(hostname)
         self._facility = facility
         self._connect_timeout = connect_timeout
+        self._open = connect or _open_socket
         self._send_timeout = send_timeout
         self._queue: queue.Queue[_Item] = queue.Queue(queue_max)
         self._mu = threading.Lock()
@@ -440,18 +458,7 @@ class NetSyslogSink(Sink):
             sock.sendall(frame)
 
     def _connect(self) -> socket.socket:
-        a = self.address
-        if a.transport == "tcp":
-            sock = socket.create_connection((a.host, a.port), timeout=self._connect_timeout)
-        else:
-            family, kind, proto, _, addr = socket.getaddrinfo(
-                a.host, a.port, type=socket.SOCK_DGRAM)[0]
-            sock = socket.socket(family, kind, proto)
-            try:
-                sock.connect(addr)
-            except OSError:
-                sock.close()
-                raise
+        sock = self._open(self.address, self._connect_timeout)
         sock.settimeout(self._send_timeout)
         self._sock = sock
         return sock
