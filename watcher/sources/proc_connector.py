@@ -279,7 +279,8 @@ class ProcConnectorSource:
             self._on_event(event)
         kind = event.kind
         if kind is ProcEventKind.NONE:
-            if (event.cn_seq, event.cn_ack) == (self._seq, self._nonce + 1) and event.err:
+            # The kernel echoes our ack + 1 (its seq is its own counter): ours, not a neighbour's.
+            if event.cn_ack == self._nonce + 1 and event.err:
                 self._log.warning("proc-connector-unavailable", reason=os.strerror(event.err))
                 self.close()
             return
