@@ -539,3 +539,35 @@ def test_configure_twice_keeps_one_root_handler() -> None:
         first.logging.close()
         second.logging.close()
     assert root.level == original
+
+
+_REPO = Path(__file__).resolve().parents[2]
+_LOG_CALL = re.compile(r"""\.(?:debug|info|warning|error|exception|critical)\(\s*["']([a-z0-9-]+)["']""")
+# Actions logged through a variable (health transitions, the firewall mode table) and the
+# logging pipeline's own notices about its sinks.
+_INDIRECT = {"sink-failed", "sink-recovered", "service-up", "service-down", "service-initial-up", "service-initial-down",
+             "firewall-block", "firewall-unblock", "firewall-drain", "admin-block",
+             "admin-unblock"}
+
+
+def _logged_actions() -> set[str]:
+    found = set(_INDIRECT)
+    for package in ("watcher", "rules"):
+        for path in (_REPO / package).rglob("*.py"):
+            found |= set(_LOG_CALL.findall(path.read_text()))
+    return found
+
+
+def test_every_logged_action_is_categorized_and_documented() -> None:
+    """Each event.action the code logs has ECS categories and a row in docs/events.md."""
+    doc = (_REPO / "docs" / "events.md").read_text()
+    logged = _logged_actions()
+    assert {"agent-start", "probe-failed", "apply-retry", "inotify-overflow"} <= logged
+    assert logged - set(ACTIONS) == set()
+    assert {a for a in ACTIONS if f"`{a}`" not in doc} == set()
+    assert f"**version {ECS_VERSION}**" in doc
+
+
+def test_every_catalogued_action_is_still_logged() -> None:
+    """No row of the catalogue describes an event the code no longer logs."""
+    assert set(ACTIONS) - _logged_actions() == set()
