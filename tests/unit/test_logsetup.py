@@ -545,7 +545,8 @@ _REPO = Path(__file__).resolve().parents[2]
 _LOG_CALL = re.compile(r"""\.(?:debug|info|warning|error|exception|critical)\(\s*["']([a-z0-9-]+)["']""")
 # Actions logged through a variable (health transitions, the firewall mode table) and the
 # logging pipeline's own notices about its sinks.
-_INDIRECT = {"sink-failed", "sink-recovered", "service-up", "service-down", "service-initial-up", "service-initial-down",
+_INDIRECT = {"sink-failed", "sink-recovered", "service-up", "service-down", "service-initial-up",
+             "service-initial-down",
              "firewall-block", "firewall-unblock", "firewall-drain", "admin-block",
              "admin-unblock"}
 
