@@ -182,16 +182,19 @@ def subscribe_message(op: int, seq: int, ack: int) -> bytes:
 class ProcConnectorSource:
     """Watches one tgid: its EXIT emits a DEATH trigger, its EXEC a HINT.
 
-    ``on_event``, when given, sees every decoded event (all processes of the host).
+    ``on_event``, when given, sees every decoded event (all processes of the host);
+    ``rcvbuf``, when given, is the initial socket receive buffer size in bytes.
     """
 
     def __init__(self, emit: Callable[[Trigger], None], log: Any, *,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 on_event: Callable[[ProcEvent], None] | None = None) -> None:
+                 on_event: Callable[[ProcEvent], None] | None = None,
+                 rcvbuf: int | None = None) -> None:
         self._emit = emit
         self._log = log
         self._clock = clock
         self._on_event = on_event
+        self._rcvbuf = rcvbuf
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self._pid: int | None = None
@@ -218,6 +221,8 @@ class ProcConnectorSource:
             self._unavailable(exc)
             return
         try:
+            if self._rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
             sock.send(subscribe_message(PROC_CN_MCAST_LISTEN, self._seq, self._nonce))
         except OSError as exc:
             sock.close()
