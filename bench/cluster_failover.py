@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           workdir=Path(tmp), progress=a.verbose)
     print(f"# bench.cluster_failover: {a.failovers} failovers of server 1 of {a.servers}, "
           f"{a.rate:g} req/s, down {a.down_s:g} s, up {a.up_s:g} s; kernel {os.uname().release}, "
-          f"{os.cpu_count()} CPUs")
+          f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")
     print("\n| protector | requests | bad per failover: mean | max | total bad | kinds | "
           "worst p99 of good answers, ms |\n|---|---|---|---|---|---|---|")
     for name, res in results.items():

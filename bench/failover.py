@@ -326,8 +326,9 @@ def _until_connect(want: Callable[[int], bool], lim: Limits,
     return None, lim.max_attempts, timeouts
 
 
-def one_round(bed: ServerBed, lim: Limits) -> Round:
-    """Kill the core, time the first refused connect; start it, time the first accepted one."""
+def one_round(bed: ServerBed, lim: Limits, start_gap_s: float = 0.0) -> Round:
+    """Kill the core, time the first refused connect; ``start_gap_s`` later start it and time
+    the first accepted connect."""
     core = fakesvc.core_alive(bed.state_dir)
     listener = bed.listener_pid()
     if core is None or listener is None:
@@ -335,6 +336,8 @@ def one_round(bed: ServerBed, lim: Limits) -> Round:
     t0 = time.monotonic_ns()
     os.kill(core, signal.SIGKILL)
     t1, n_down, to_down = _until_connect(lambda r: r == errno.ECONNREFUSED, lim)
+    # A random gap de-phases the start from a poller's cycle (not a synchronisation).
+    time.sleep(start_gap_s)
     t2 = time.monotonic_ns()
     os.kill(listener, signal.SIGUSR1)
     ready: list[int] = []
@@ -354,9 +357,14 @@ def one_round(bed: ServerBed, lim: Limits) -> Round:
         attempts_down=n_down, attempts_up=n_up, timeouts=to_down + to_up, t1_ns=t1)
 
 
-def run_rounds(bed: ServerBed, rounds: int, lim: Limits, *, seed: int = 1,
+def run_rounds(bed: ServerBed, rounds: int, lim: Limits, *, seed: int = 1, dephase_s: float = 1.0,
                progress: Callable[[int, Round], None] | None = None) -> list[Round]:
-    """``rounds`` failover/recovery rounds, each started when the client connects again."""
+    """``rounds`` failover/recovery rounds, each started when the client connects again.
+
+    The kill and the start each come after a random pause, uniform over ``dephase_s`` (one
+    period of the 1 s pollers), so that neither lands at a fixed phase of their cycle: the
+    first refused or accepted connect of a round follows one of their checks closely.
+    """
     assert bed.client is not None
     rng = random.Random(seed)
     out: list[Round] = []
@@ -365,8 +373,8 @@ def run_rounds(bed: ServerBed, rounds: int, lim: Limits, *, seed: int = 1,
             wait_for(lambda: ex.submit(_healthy, bed).result(), 10, "service up and chain open",
                      interval=0.02)
             # A random gap de-phases the kill from the pollers' 1 s cycle (not a synchronisation).
-            time.sleep(rng.uniform(0.1, 0.4))
-            r = ex.submit(one_round, bed, lim).result()
+            time.sleep(0.05 + rng.uniform(0.0, dephase_s))
+            r = ex.submit(one_round, bed, lim, rng.uniform(0.0, dephase_s)).result()
             out.append(r)
             if progress:
                 progress(i, r)
@@ -650,7 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          a.icmp_ratelimit)
         results["agent"]["breakdown"] = timed["breakdown"]
     print(f"# bench.failover: {a.rounds} rounds, connect pace {a.pace_us:g} us, kernel "
-          f"{os.uname().release}, {os.cpu_count()} CPUs, ICMP rate limit "
+          f"{os.uname().release}, {os.cpu_count()} CPUs (load average "
+          f"{os.getloadavg()[0]:.1f}), ICMP rate limit "
           f"{'kept' if a.icmp_ratelimit else 'off'} in the server namespace; agent rise={agent.rise} "
           f"rise_interval_ms={agent.rise_interval_ms} interval_s={agent.interval_s} "
           f"http_path={agent.http_path}")

@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "syscalls": calls.get(name, {}),
         }
     print(f"# bench.idle: {a.seconds:g} s window, kernel {os.uname().release}, "
-          f"{os.cpu_count()} CPUs, CLK_TCK {CLK_TCK}; agent interval_s={agent.interval_s}")
+          f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), CLK_TCK {CLK_TCK}; "
+          f"agent interval_s={agent.interval_s}")
     print("\n| protector | CPU ms/min | CPU % | RSS MB (peak) | threads | "
           "context switches/min | wake episodes/min (median gap s) |"
           "\n|---|---|---|---|---|---|---|")
