@@ -10,13 +10,14 @@ Two uses:
   groups, read with a stdlib netlink socket registered with ``loop.add_reader``.
 
 Limits of the facility: everything is per network namespace (the one this process is in);
-joining the destroy groups needs CAP_NET_ADMIN; a destroy is sent only when the last holder
-of the socket closes it (a child that inherited the fd keeps the listener alive); the kernel
-may drop destroy messages under memory pressure; a destroy message carries inode 0 and the
-state the socket had when freed (TCP_CLOSE for a closed listener, not LISTEN), so a listener is
-recognised by its local port with no peer (port 0, unspecified address); a dual-stack ``::``
-listener reports on the IPv6 group; with SO_REUSEPORT one of several listeners closing is
-reported although others remain. A fast path, not the truth: the probe decides.
+joining the destroy groups may need CAP_NET_ADMIN (6.18 lets any process join and receive);
+a destroy is sent only when the last holder of the socket closes it (a child that inherited
+the fd keeps the listener alive); the kernel may drop destroy messages under memory pressure;
+a destroy message carries inode 0 and the state the socket had when freed (TCP_CLOSE for a
+closed listener, not LISTEN), so a listener is recognised by its local port with no peer (port
+0, unspecified address); a dual-stack ``::`` listener reports on the IPv6 group; with
+SO_REUSEPORT one of several listeners closing is reported although others remain. A fast
+path, not the truth: the probe decides.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ class ListenerWatch:
         self.available = False
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Join the destroy groups and start reading; without CAP_NET_ADMIN log once and idle."""
+        """Join the destroy groups and start reading; if the kernel refuses, log once and idle."""
         if self._sock is not None:
             return
         try:

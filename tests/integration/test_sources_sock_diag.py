@@ -1,0 +1,172 @@
+"""sock_diag in a throwaway namespace: listener dumps and destroy broadcasts of real sockets.
+
+The checks run inside the namespace (sock_diag sees the namespace of the process), through
+this module's own driver: ``python -m tests.integration.test_sources_sock_diag SCENARIO``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from tests.netns import REPO, Netns
+from watcher.events import Evidence, Source, Trigger
+from watcher.sources.sock_diag import Listener, ListenerWatch, dump_listeners, listening
+
+PORT = 8080
+OTHER = 8081
+
+
+def _listen(family: int, address: str, port: int, *, v6only: bool = True) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    sock.bind((address, port))
+    sock.listen()
+    return sock
+
+
+def _as_json(listeners: list[Listener]) -> list[list[Any]]:
+    return sorted([lst.family, lst.address, lst.port] for lst in listeners)
+
+
+class _Log:
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: print(json.dumps({"log": level, "event": event, **kw}),
+                                         file=sys.stderr)
+
+
+async def _next(queue: asyncio.Queue[Trigger]) -> Trigger:
+    return await asyncio.wait_for(queue.get(), 5)
+
+
+async def _scenario_dump() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    v4 = _listen(socket.AF_INET, "127.0.0.1", PORT)
+    v6 = _listen(socket.AF_INET6, "::1", PORT)
+    other = _listen(socket.AF_INET, "127.0.0.1", OTHER)
+    out["in_loop"] = _as_json(dump_listeners(PORT))
+    out["inodes"] = sorted(lst.inode for lst in dump_listeners(PORT))
+    out["expected_inodes"] = sorted(os.fstat(s.fileno()).st_ino for s in (v4, v6))
+    out["listening"] = [await listening(PORT), await listening(8082)]
+    for s in (v4, v6, other):
+        s.close()
+    dual = _listen(socket.AF_INET6, "::", PORT, v6only=False)
+    out["dual"] = _as_json(await asyncio.to_thread(dump_listeners, PORT))  # outside a loop
+    dual.close()
+    out["after_close"] = _as_json(dump_listeners(PORT))
+    return out
+
+
+async def _scenario_destroy(family: str, address: str, v6only: str) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    mine: asyncio.Queue[Trigger] = asyncio.Queue()
+    barrier: asyncio.Queue[Trigger] = asyncio.Queue()
+    watch = ListenerWatch(PORT, mine.put_nowait, _Log())
+    bwatch = ListenerWatch(OTHER, barrier.put_nowait, _Log())
+    watch.attach(loop)
+    bwatch.attach(loop)
+    fam = socket.AF_INET if family == "4" else socket.AF_INET6
+    # Another port first: its destroy reaches the barrier watch, never ours.
+    _listen(socket.AF_INET, "127.0.0.1", OTHER).close()
+    await _next(barrier)
+    other_port_events = mine.qsize()
+    sock = _listen(fam, address, PORT, v6only=v6only == "1")
+    closed = time.monotonic_ns()
+    sock.close()
+    trig = await _next(mine)
+    watch.close()
+    bwatch.close()
+    return {"other_port_events": other_port_events, "source": trig.source,
+            "evidence": trig.evidence, "data": trig.data, "detail": trig.detail,
+            "latency_us": (trig.monotonic_ns - closed) / 1000}
+
+
+async def _scenario_inherit() -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    mine: asyncio.Queue[Trigger] = asyncio.Queue()
+    barrier: asyncio.Queue[Trigger] = asyncio.Queue()
+    watch = ListenerWatch(PORT, mine.put_nowait, _Log())
+    bwatch = ListenerWatch(OTHER, barrier.put_nowait, _Log())
+    watch.attach(loop)
+    bwatch.attach(loop)
+    sock = _listen(socket.AF_INET, "0.0.0.0", PORT)
+    child = subprocess.Popen(["sleep", "60"], pass_fds=(sock.fileno(),))
+    try:
+        sock.close()
+        # Barrier: a later destroy on another port has been delivered.
+        _listen(socket.AF_INET, "127.0.0.1", OTHER).close()
+        await _next(barrier)
+        while_child_holds = mine.qsize()
+        still_listed = _as_json(dump_listeners(PORT))
+        child.kill()
+        child.wait()
+        trig = await _next(mine)
+    finally:
+        child.kill()
+        child.wait()
+        watch.close()
+        bwatch.close()
+    return {"while_child_holds": while_child_holds, "still_listed": still_listed,
+            "data": trig.data, "evidence": trig.evidence}
+
+
+def _drive(netns: Netns, *args: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = netns.run(netns.python("-m", "tests.integration.test_sources_sock_diag", *args),
+                     env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.mark.netns
+def test_dump_sees_v4_v6_and_dual_stack(netns: Netns) -> None:
+    """dump_listeners/listening find IPv4, IPv6 and dual-stack listeners on the port only."""
+    out = _drive(netns, "dump")
+    assert out["in_loop"] == [[socket.AF_INET, "127.0.0.1", PORT], [socket.AF_INET6, "::1", PORT]]
+    assert out["inodes"] == out["expected_inodes"]
+    assert out["listening"] == [True, False]
+    assert out["dual"] == [[socket.AF_INET6, "::", PORT]]
+    assert out["after_close"] == []
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize(("family", "address", "v6only", "reported"), [
+    ("4", "127.0.0.1", "1", socket.AF_INET),
+    ("6", "::1", "1", socket.AF_INET6),
+    ("6", "::", "0", socket.AF_INET6),  # dual-stack reports on the IPv6 group
+])
+def test_closing_the_listener_is_a_death_trigger(netns: Netns, family: str, address: str,
+                                                 v6only: str, reported: int) -> None:
+    """Closing the listener emits DEATH with its family and address; another port nothing."""
+    out = _drive(netns, "destroy", family, address, v6only)
+    assert out["other_port_events"] == 0
+    assert (out["source"], out["evidence"]) == (Source.SOCK_DIAG, Evidence.DEATH)
+    assert out["data"] == {"family": reported, "address": address, "port": PORT}
+    print(f"destroy latency {out['latency_us']:.0f} us")
+
+
+@pytest.mark.netns
+def test_inherited_fd_keeps_the_listener_alive(netns: Netns) -> None:
+    """A child holding the fd keeps the listener: no event until the child closes it."""
+    out = _drive(netns, "inherit")
+    assert out["while_child_holds"] == 0
+    assert out["still_listed"] == [[socket.AF_INET, "0.0.0.0", PORT]]
+    assert (out["evidence"], out["data"]["port"]) == (Evidence.DEATH, PORT)
+
+
+if __name__ == "__main__":
+    scenarios = {"dump": _scenario_dump, "destroy": _scenario_destroy,
+                 "inherit": _scenario_inherit}
+    result = asyncio.run(scenarios[sys.argv[1]](*sys.argv[2:]))
+    print(json.dumps(result))
