@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import logging as stdlib_logging
 import os
 import signal
 import sys
@@ -394,6 +395,10 @@ def run_daemon(cfg: Config, *, config_path: Path, config_given: bool, log_format
     fmt = log_format or ("console" if sys.stdout.isatty() else None)
     logging_ = configure(cfg.log, service_name=cfg.service.name, force_format=fmt)
     logging_.install()
+    # pyinotify logs through a stderr handler of its own; send its records to the JSON sinks.
+    pyinotify_log = stdlib_logging.getLogger("pyinotify")
+    pyinotify_log.handlers.clear()
+    pyinotify_log.propagate = True
     try:
         daemon = Daemon(cfg, firewall_factory=build_firewall, logging_=logging_,
                         config_path=config_path if config_given or config_path.exists() else None)
