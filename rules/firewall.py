@@ -7,6 +7,7 @@ IPv4 and (where the system has it) IPv6, and touches nothing else.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class Firewall:
         backoff_s: float = 0.05,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], int] = time.monotonic_ns,
+        kernel_has_ipv6: Callable[[], bool] = lambda: os.path.exists("/proc/sys/net/ipv6"),
     ) -> None:
         self.backend = backend
         self.spec = spec
@@ -84,6 +86,7 @@ class Firewall:
         self._backoff = backoff_s
         self._sleep = sleep
         self._clock = clock
+        self._kernel_has_ipv6 = kernel_has_ipv6
         self._want_v6 = ipv6
         self._families: tuple[Family, ...] | None = None
         self._known: dict[Family, TableState] = {}
@@ -98,9 +101,19 @@ class Firewall:
                 try:
                     self.backend.read(Family.V6, self.spec.name)
                     fams.append(Family.V6)
-                except (BackendUnavailable, TransactionFailed) as exc:
+                except BackendUnavailable as exc:
                     self._log.warning("ipv6-unavailable", reason=str(exc),
-                                      message="IPv6 chain skipped: ip6tables or kernel IPv6 missing")
+                                      message="IPv6 chain skipped: ip6tables missing")
+                except TransactionFailed as exc:
+                    if not self._kernel_has_ipv6():
+                        self._log.warning("ipv6-unavailable", reason=str(exc),
+                                          message="IPv6 chain skipped: the kernel has no IPv6")
+                    else:
+                        # ip6tables exists and so does IPv6: a failure now is transient, and
+                        # dropping IPv6 for good would leave IPv6 clients of a dead service in.
+                        fams.append(Family.V6)
+                        self._log.warning("ipv6-read-failed", reason=str(exc),
+                                          message="IPv6 chain kept; applying will be retried")
             self._families = tuple(fams)
         return self._families
 
@@ -137,11 +150,11 @@ class Firewall:
     def _ensure_family(self, fam: Family, mode: Mode, force: bool, fresh: bool) -> _FamilyResult:
         want = desired_state(self.spec, fam, mode)
         tx = retries = 0
-        known = None if fresh else self._known.get(fam)
+        cached = None if fresh else self._known.get(fam)
         self._known.pop(fam, None)  # until read back, nothing is known
+        observed = cached if cached is not None else self.backend.read(fam, self.spec.name)
+        first = observed
         for attempt in range(self._attempts):
-            observed = known if known is not None else self.backend.read(fam, self.spec.name)
-            known = None
             plan = plan_apply(self.spec, fam, mode, observed, force=force)
             if plan.is_noop:
                 self._known[fam] = observed
@@ -150,7 +163,6 @@ class Firewall:
                 tx += 1
                 self.backend.apply(plan)
                 committed = self._clock()
-                break
             except (LockContention, TransactionFailed) as exc:
                 # A failed transaction changed nothing; the table may have changed under us
                 # (a stale -D), so the next attempt reads it again.
@@ -161,17 +173,25 @@ class Firewall:
                 self._log.warning("apply-retry", family=str(fam), attempt=attempt + 1,
                                   delay_s=delay, reason=str(exc))
                 self._sleep(delay)
-        after = self.backend.read(fam, self.spec.name)
-        if (after.chain_present, after.rules, after.jumps) != (
-                want.chain_present, want.rules, want.jumps):
-            raise ReadBackMismatch(
-                f"{fam}: after applying {mode}, the kernel holds rules={after.rules} "
-                f"jumps={after.jumps}; expected rules={want.rules} jumps={want.jumps}"
-            )
-        self._known[fam] = after
-        # content already right: only the jump needed mending
-        repaired = observed.chain_present and observed.rules == want.rules
-        return _FamilyResult(True, tx, retries, repaired, committed)
+                observed = self.backend.read(fam, self.spec.name)
+                continue
+            after = self.backend.read(fam, self.spec.name)
+            if (after.chain_present, after.rules, after.jumps) == (
+                    want.chain_present, want.rules, want.jumps):
+                self._known[fam] = after
+                # content already right: only the jump needed mending
+                repaired = first.chain_present and first.rules == want.rules
+                return _FamilyResult(True, tx, retries, repaired, committed)
+            if observed is not cached:
+                raise ReadBackMismatch(
+                    f"{fam}: after applying {mode}, the kernel holds rules={after.rules} "
+                    f"jumps={after.jumps}; expected rules={want.rules} jumps={want.jumps}"
+                )
+            # Planned from a cached state that someone changed since (a firewall reload, say):
+            # plan again at once from what the kernel holds now.
+            retries += 1
+            observed = after
+        raise ReadBackMismatch(f"{fam}: {mode} not reached after {self._attempts} attempts")
 
     def remove(self) -> ApplyReport:
         """Delete our jumps and our chain in every family; read back that both are gone."""

@@ -385,7 +385,7 @@ class Daemon:
                     return
                 self._fw.ensure(RuleMode.OPEN)
         except RulesError as exc:
-            self.log.error("apply-failed", reason=f"on_exit={how}: {exc}")
+            self.log.error("apply-failed", reason=f"on_exit={how}: {exc}", on_exit=how)
 
 
 def run_daemon(cfg: Config, *, config_path: Path, config_given: bool, log_format: str | None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -62,12 +63,21 @@ class StateDir:
             raise
 
     def _read(self, name: str) -> dict[str, Any] | None:
+        """The JSON object in ``name``; None when it is absent, not a regular file, unreadable
+        or not a JSON object. Never blocks (a FIFO is refused) and never raises OSError."""
         try:
-            fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError):
+            fd = os.open(self.path / name,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
             return None
-        with os.fdopen(fd, "rb") as f:
-            raw = f.read(_MAX + 1)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            raw = os.read(fd, _MAX + 1)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
         if len(raw) > _MAX:
             return None
         try:
@@ -78,7 +88,7 @@ class StateDir:
 
     def admin(self) -> AdminRecord | None:
         """The recorded admin block, or None (a corrupt file counts as a full block: fail safe)."""
-        if not (self.path / ADMIN_FILE).exists():
+        if not os.path.lexists(self.path / ADMIN_FILE):
             return None
         data = self._read(ADMIN_FILE)
         if data is None:

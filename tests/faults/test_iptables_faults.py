@@ -144,10 +144,6 @@ def test_run_without_iptables_exits_69_and_changes_nothing(netns: Netns, tmp_pat
     assert not os.path.exists(tmp_path / "state" / "daemon.json")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Firewall.families treats any ip6tables-save failure "
-                   "at start-up (TransactionFailed: a transient error, or legacy without "
-                   "CAP_NET_RAW) as 'IPv6 missing' and caches that for the daemon's life: IPv6 "
-                   "clients of a dead service are never rejected")
 def test_ip6tables_failing_once_at_start_up_does_not_drop_ipv6_for_good(
         netns: Netns, tmp_path: Path) -> None:
     """ip6tables-save fails at start-up only: once it works, a dead service is blocked in IPv6 too."""

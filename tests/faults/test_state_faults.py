@@ -24,10 +24,6 @@ MAKERS: dict[str, Callable[[Path], object]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="bug: StateDir._read catches only FileNotFoundError and "
-                   "NotADirectoryError and opens without O_NONBLOCK: a directory raises "
-                   "IsADirectoryError into every round (internal-error, the firewall is never "
-                   "set), a FIFO blocks the event loop for good; both must count as a block")
 @pytest.mark.parametrize("kind", sorted(MAKERS))
 def test_unreadable_admin_file_counts_as_a_block(netns: Netns, tmp_path: Path, kind: str) -> None:
     """admin-block.json a directory or a FIFO at start-up: the daemon blocks (fail safe)."""

@@ -76,10 +76,6 @@ def test_core_killed_right_after_a_wipe_is_blocked_without_waiting_for_the_tick(
     bed.agent.check_clean()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Firewall.ensure(fresh=False) plans from the state "
-                   "cached before the wipe, commits a chain without its jump, then raises "
-                   "ReadBackMismatch; the daemon logs apply-failed and blocks only on its 0.1 s "
-                   "retry (port open meanwhile, latency measured from the retry)")
 def test_block_right_after_a_wipe_comes_from_the_kernel_event_in_one_round(
         netns: Netns, tmp_path: Path) -> None:
     """Wipe, then core killed: the pidfd round itself blocks, with no apply-failed in between."""
