@@ -36,6 +36,7 @@ __all__ = ["Soak", "main", "run_soak"]
 
 WARMUP = 20  # failovers before the first RSS/fd sample (imports, caches, first allocations)
 DEADLINE_S = 5.0
+SERIES_EVERY_S = 20.0  # RSS sampled this often, to tell warm-up from steady growth
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Soak:
     missed_block: int = 0
     missed_open: int = 0
     rss_kib: dict[str, int] = field(default_factory=dict)
+    rss_series: list[tuple[int, int]] = field(default_factory=list)  # (failovers, KiB)
     fds: dict[str, int] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
     transactions: int = 0
@@ -172,8 +174,12 @@ def _run(agent: Agent, core: Core, ns: Netns, soak: Soak, seconds: float,
     _wait(lambda: _fds(agent.pid) <= ready_fds, "descriptors settled")
     _sample(soak, agent.pid, "start")
     end = t0 + seconds
+    next_sample = time.monotonic() + SERIES_EVERY_S
     while time.monotonic() < end and soak.failovers < max_failovers:
         _failover(core, ns, soak)
+        if time.monotonic() >= next_sample:
+            soak.rss_series.append((soak.failovers, _rss_kib(agent.pid)))
+            next_sample += SERIES_EVERY_S
         if agent.proc is None or agent.proc.poll() is not None:
             break
     soak.seconds = round(time.monotonic() - t0, 1)
@@ -202,6 +208,8 @@ def report(s: Soak) -> str:
         f"rule transactions {s.transactions} = {per:.2f} per failover (both families)",
         f"missed: block {s.missed_block}, open {s.missed_open}; kills {s.failovers} vs blocks "
         f"{blocks} (+{WARMUP} warm-up included in both)",
+        "RSS KiB every 20 s (failovers:KiB): "
+        + " ".join(f"{n}:{k}" for n, k in s.rss_series),
         f"block latency ms (kernel event -> commit): p50 {s.latency_ms.get('p50', 0):.2f} "
         f"p99 {s.latency_ms.get('p99', 0):.2f} max {s.latency_ms.get('max', 0):.2f}",
         f"final chain open: {s.final_open}; agent alive at the end: {s.agent_alive}; "
