@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.failover import percentile
+
 __all__ = ["main", "plot"]
 
 COLORS = {"agent": "#1f77b4", "polling": "#d62728", "monit": "#2ca02c"}
@@ -44,12 +46,12 @@ def plot(data: dict[str, Any], out: Path) -> None:
             if not v:
                 continue
             y = [(i + 1) / len(v) for i in range(len(v))]
-            med = v[len(v) // 2]
+            med = percentile(v, 50)
             ax.step(v, y, where="post", color=COLORS.get(name), linewidth=2,
                     label=f"{name} (n={len(v)}, p50 {med:.1f} ms)")
         for x, label in targets:
             ax.axvline(x, color="grey", linestyle="--", linewidth=1)
-            ax.text(x, 0.02, " " + label, rotation=90, va="bottom", ha="right", fontsize=8,
+            ax.text(x, 0.45, " " + label, rotation=90, va="bottom", ha="right", fontsize=8,
                     color="dimgrey")
         ax.set_xscale("log")
         ax.set_xlabel("milliseconds (log scale)")
