@@ -41,6 +41,7 @@ __all__ = ["Daemon", "run_daemon"]
 
 _RETRY_MIN_S = 0.1
 _RETRY_MAX_S = 5.0
+_STOP_GRACE_S = 10.0  # a round in progress may finish (an xtables lock wait is bounded too)
 
 
 def _to_rule_mode(mode: health.Mode) -> RuleMode:
@@ -295,6 +296,8 @@ class Daemon:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._stopping:
+                return
             trig, self._pending = self._pending, None
             if trig is None:
                 continue
@@ -363,9 +366,14 @@ class Daemon:
         self.emit(Trigger(Source.STARTUP, "first probe", self._clock()))
         await self._stop.wait()
         self._notify.stopping()
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await worker
+        # Let a round in progress finish (its swap and its log line), bounded; then stop.
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(worker), timeout=_STOP_GRACE_S)
+        except TimeoutError:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
         self._stop_sources()
         self._stop_process_sources()
         await loop.run_in_executor(self._exec, self._on_exit)
