@@ -10,9 +10,11 @@ Variants (each alternates BLOCK and OPEN; one sample is one swap):
   writes for that swap (the floor of its flavour);
 - ``Firewall restore``: ``Firewall.ensure()`` with the restore backend: read, plan, apply,
   read back;
-- ``Firewall iptc``: the same with the iptc backend (legacy only);
+- ``Firewall restore, hot``: ``Firewall.ensure(fresh=False)``, the daemon's path on a
+  transition: planned from the previous read-back, then apply and read back;
+- ``Firewall iptc`` (and ``, hot``): the same with the iptc backend (legacy only);
 - ``iptc apply only``: ``IptcBackend.apply()`` of a precomputed plan, no read, no read-back;
-- ``(what-if) ...``: prototypes of the changes bench/README.md proposes for rules/;
+- ``(what-if) apply+iptc``: the restore backend writing, libiptc reading back (legacy);
 - ``(ref) ...``: an iptables-save alone, and starting ``true``, for scale.
 """
 
@@ -22,17 +24,15 @@ import argparse
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rules.base import Backend, CommandResult
+from rules.base import Backend
 from rules.firewall import Firewall
 from rules.iptc_backend import IptcBackend
 from rules.model import ChainSpec, Family, Mode
@@ -110,33 +110,6 @@ class TimedBackend:
             self.applies.append(self.applied_at - t)
 
 
-class WatchdogRunner:
-    """A prototype Runner for the proposal in bench/README.md: the same call as rules.base's
-    SubprocessRunner, but bounded by a kill timer instead of ``subprocess.run(timeout=...)``.
-
-    With a timeout, Popen.wait() polls waitpid(WNOHANG) with sleeps of 0.5, 1, 2 ms... after
-    the child closes its pipes; without one it blocks in waitpid and wakes as the child exits.
-    """
-
-    def __call__(self, argv: Sequence[str], *, input: str | None = None,
-                 timeout: float = 30.0) -> CommandResult:
-        """Run ``argv``; kill it if it outlives ``timeout``."""
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
-        if "XTABLES_LOCKFILE" in os.environ:
-            env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
-        with subprocess.Popen(list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as p:
-            timer = threading.Timer(timeout, p.kill)
-            timer.start()
-            try:
-                out, err = p.communicate(input)
-            finally:
-                timer.cancel()
-        if p.returncode == -signal.SIGKILL:
-            raise SystemExit(f"{argv[0]} killed after {timeout}s")
-        return CommandResult(p.returncode, out, err)
-
-
 @dataclass(frozen=True)
 class Result:
     """One variant's samples and, for Firewall variants, where the time went."""
@@ -204,8 +177,12 @@ def reference(label: str, argv: Sequence[str], flavour: str, rounds: int) -> Res
     return Result(label, flavour, stats(_swaps(rounds, one)))
 
 
-def firewall_swaps(backend: Backend, rounds: int, label: str = "") -> Result:
-    """Firewall.ensure() alternating BLOCK/OPEN, with the time in read() and apply() split out."""
+def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: bool = True) -> Result:
+    """Firewall.ensure() alternating BLOCK/OPEN, with the time in read() and apply() split out.
+
+    ``fresh=False`` is the daemon's hot path: planned from the previous read-back, so one read
+    (the read-back) per swap instead of two.
+    """
     timed = TimedBackend(backend)
     fw = Firewall(timed, SPEC, ipv6=False)
     fw.ensure(Mode.OPEN)
@@ -214,7 +191,7 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "") -> Result:
 
     def one(mode: Mode) -> None:
         t = time.perf_counter_ns()
-        fw.ensure(mode)
+        fw.ensure(mode, fresh=fresh)
         effect.append(timed.applied_at - t)
 
     def reset() -> None:
@@ -223,15 +200,18 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "") -> Result:
         effect.clear()
 
     samples = _swaps(rounds, one, reset)
-    if len(timed.applies) != rounds or len(timed.reads) != 2 * rounds:
-        raise SystemExit(f"expected one apply and two reads per swap, got {len(timed.applies)} "
+    reads = 2 if fresh else 1
+    if len(timed.applies) != rounds or len(timed.reads) != reads * rounds:
+        raise SystemExit(f"expected one apply and {reads} reads per swap, got {len(timed.applies)} "
                          f"and {len(timed.reads)} in {rounds} swaps")
 
     def med(xs: Sequence[int]) -> str:
         return f"{_rank(sorted(xs), 0.5) / 1e6:.3f}"
 
-    split = (f"pre-read {med(timed.reads[0::2])} + apply {med(timed.applies)} + read-back "
-             f"{med(timed.reads[1::2])}; rule in effect after {med(effect)}")
+    pre = f"pre-read {med(timed.reads[0::2])} + " if fresh else ""
+    back = timed.reads[1::2] if fresh else timed.reads
+    split = (f"{pre}apply {med(timed.applies)} + read-back "
+             f"{med(back)}; rule in effect after {med(effect)}")
     return Result(label or f"Firewall {backend.name}", backend.flavour(Family.V4), stats(samples), split)
 
 
@@ -265,24 +245,20 @@ def inner(rounds: int, legacy_path: str) -> None:
     results: list[Result] = []
     true = shutil.which("true") or "/bin/true"
     # nf_tables first: once legacy tables exist, iptables-nft-save also checks for them.
-    fast = WatchdogRunner()
     results.append(bare_restore(rounds))
     results.append(firewall_swaps(RestoreBackend(), rounds))
-    results.append(firewall_swaps(RestoreBackend(fast), rounds, "(what-if) Firewall, wd"))
-    results.append(apply_and_read_back(RestoreBackend(fast), RestoreBackend(fast), rounds,
-                                       "(what-if) apply+save, wd"))
+    results.append(firewall_swaps(RestoreBackend(), rounds, "Firewall restore, hot", fresh=False))
     results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "nf_tables", rounds))
     results.append(reference("(ref) spawn true", [true], "nf_tables", rounds))
     os.environ["PATH"] = legacy_path
     results.append(bare_restore(rounds))
     results.append(firewall_swaps(RestoreBackend(), rounds))
-    results.append(firewall_swaps(RestoreBackend(fast), rounds, "(what-if) Firewall, wd"))
-    results.append(apply_and_read_back(RestoreBackend(fast), RestoreBackend(fast), rounds,
-                                       "(what-if) apply+save, wd"))
-    results.append(apply_and_read_back(RestoreBackend(fast), IptcBackend(), rounds,
-                                       "(what-if) apply+iptc, wd"))
+    results.append(firewall_swaps(RestoreBackend(), rounds, "Firewall restore, hot", fresh=False))
+    results.append(apply_and_read_back(RestoreBackend(), IptcBackend(), rounds,
+                                       "(what-if) apply+iptc"))
     results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "legacy", rounds))
     results.append(firewall_swaps(IptcBackend(), rounds))
+    results.append(firewall_swaps(IptcBackend(), rounds, "Firewall iptc, hot", fresh=False))
     results.append(iptc_apply_only(rounds))
 
     floors = {r.flavour: r.stats for r in results if r.label.startswith("bare")}
