@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ __all__ = [
     "Backend",
     "CommandResult",
     "Runner",
+    "StartedCommand",
     "SubprocessRunner",
     "Tools",
     "detect_tools",
@@ -43,6 +45,64 @@ class Runner(Protocol):
         ...
 
 
+def _child_env() -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+    if "XTABLES_LOCKFILE" in os.environ:  # iptables-legacy's lock path, honoured as given
+        env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
+    return env
+
+
+class StartedCommand:
+    """A child already started and waiting for its standard input.
+
+    Starting a program (fork, exec, dynamic loading) costs about a millisecond; a command
+    started ahead of need pays that before the event it serves, not after.
+    """
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        try:
+            self._p = subprocess.Popen(
+                self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, env=_child_env(),
+            )
+        except FileNotFoundError:
+            raise BackendUnavailable(f"{argv[0]}: not installed (install Debian's iptables)") from None
+        except PermissionError as exc:
+            raise BackendUnavailable(f"{argv[0]}: cannot execute: {exc.strerror}") from None
+
+    @property
+    def alive(self) -> bool:
+        """True while the child has not exited (it should be waiting for input)."""
+        return self._p.poll() is None
+
+    def finish(self, input: str | None, timeout: float) -> CommandResult:
+        """Feed ``input``, close stdin, and wait for the result; killed after ``timeout``."""
+        # The bound is a kill timer, not communicate(timeout=): with a timeout, Python waits for
+        # the child's exit by sleeping in steps of 0.5, 1, 2 ms, a millisecond lost per call.
+        timer = threading.Timer(timeout, self._p.kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            out, err = self._p.communicate(input or "")
+        finally:
+            timer.cancel()
+        if self._p.returncode < 0:
+            err = f"{err}\n{self.argv[0]} killed after {timeout:g}s".strip()
+        return CommandResult(self._p.returncode, out, err)
+
+    def discard(self) -> None:
+        """End an unused child: closing its input makes it exit having done nothing."""
+        with contextlib.suppress(OSError, ValueError):
+            if self._p.stdin is not None:
+                self._p.stdin.close()
+        try:
+            self._p.communicate(timeout=5)
+        except (subprocess.TimeoutExpired, ValueError):
+            self._p.kill()
+            self._p.wait()
+
+
 class SubprocessRunner:
     """The real runner: subprocess with an argument list, output captured, C locale."""
 
@@ -50,30 +110,11 @@ class SubprocessRunner:
         self, argv: Sequence[str], *, input: str | None = None, timeout: float = 30.0
     ) -> CommandResult:
         """Run ``argv``; a missing program becomes BackendUnavailable, never a traceback."""
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
-        if "XTABLES_LOCKFILE" in os.environ:  # iptables-legacy's lock path, honoured as given
-            env["XTABLES_LOCKFILE"] = os.environ["XTABLES_LOCKFILE"]
-        try:
-            p = subprocess.Popen(
-                list(argv), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            )
-        except FileNotFoundError:
-            raise BackendUnavailable(f"{argv[0]}: not installed (install Debian's iptables)") from None
-        except PermissionError as exc:
-            raise BackendUnavailable(f"{argv[0]}: cannot execute: {exc.strerror}") from None
-        # The bound is a kill timer, not communicate(timeout=): with a timeout, Python waits for
-        # the child's exit by sleeping in steps of 0.5, 1, 2 ms, which costs a millisecond per call.
-        timer = threading.Timer(timeout, p.kill)
-        timer.daemon = True
-        timer.start()
-        try:
-            out, err = p.communicate(input)
-        finally:
-            timer.cancel()
-        if p.returncode < 0:
-            err = f"{err}\n{argv[0]} killed after {timeout:g}s".strip()
-        return CommandResult(p.returncode, out, err)
+        return StartedCommand(argv).finish(input, timeout)
+
+    def start(self, argv: Sequence[str]) -> StartedCommand:
+        """Start ``argv`` now; feed it later with ``finish``."""
+        return StartedCommand(argv)
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,15 @@ class Firewall:
             observed = after
         raise ReadBackMismatch(f"{fam}: {mode} not reached after {self._attempts} attempts")
 
+    def close(self) -> None:
+        """Release the worker threads and whatever the backend keeps running."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
     def remove(self) -> ApplyReport:
         """Delete our jumps and our chain in every family; read back that both are gone."""
         changed: list[Family] = []

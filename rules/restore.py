@@ -7,7 +7,7 @@ netlink batch; legacy: one replacement of the table blob under the xtables lock)
 
 from __future__ import annotations
 
-from rules.base import CommandResult, Runner, SubprocessRunner, Tools, detect_tools
+from rules.base import CommandResult, Runner, StartedCommand, SubprocessRunner, Tools, detect_tools
 from rules.errors import LockContention, TransactionFailed
 from rules.model import Family
 from rules.render import Plan, TableState, parse_save, render_restore
@@ -24,10 +24,16 @@ class RestoreBackend:
     name = "restore"
     parallel_safe = True  # each call is its own process: IPv4 and IPv6 may run side by side
 
-    def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0) -> None:
+    def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0, *,
+                 prestart: bool = False) -> None:
         self._run: Runner = runner or SubprocessRunner()
         self._wait = max(1, round(lock_wait_s))
         self._tools: dict[Family, Tools] = {}
+        # A long-running agent keeps one iptables-restore per family started and waiting for
+        # its transaction, so a transition does not wait for a program to start. (It takes no
+        # xtables lock until it reads its input.) Only with the real runner.
+        self._prestart = prestart and isinstance(self._run, SubprocessRunner)
+        self._ready: dict[Family, StartedCommand] = {}
 
     def tools(self, family: Family) -> Tools:
         """The family's programs, detected once (BackendUnavailable if absent)."""
@@ -44,18 +50,33 @@ class RestoreBackend:
         t = self.tools(family)
         res = self._run([t.save, "-t", "filter"], timeout=self._wait + 10)
         self._check(res, f"{t.save} -t filter")
-        return parse_save(res.stdout, chain)
+        state = parse_save(res.stdout, chain)
+        if self._prestart and family not in self._ready:
+            self._ready[family] = StartedCommand(self._restore_argv(t))
+        return state
+
+    def _restore_argv(self, t: Tools) -> list[str]:
+        argv = [t.restore, "--noflush", "--wait", str(self._wait)]
+        if t.flavour == "legacy":
+            argv.append("--counters")
+        return argv
 
     def apply(self, plan: Plan) -> None:
         """Commit ``plan`` with ``iptables-restore --noflush --wait``: all of it or nothing."""
         t = self.tools(plan.family)
-        legacy = t.flavour == "legacy"
-        text = render_restore(plan, keep_policy_counters=legacy)
-        argv = [t.restore, "--noflush", "--wait", str(self._wait)]
-        if legacy:
-            argv.append("--counters")
-        res = self._run(argv, input=text, timeout=self._wait + 10)
+        text = render_restore(plan, keep_policy_counters=t.flavour == "legacy")
+        started = self._ready.pop(plan.family, None)
+        if started is not None and started.alive:
+            res = started.finish(text, timeout=self._wait + 10)
+        else:
+            res = self._run(self._restore_argv(t), input=text, timeout=self._wait + 10)
         self._check(res, f"{t.restore} --noflush")
+
+    def close(self) -> None:
+        """End the programs started ahead of need (they exit without changing anything)."""
+        ready, self._ready = self._ready, {}
+        for started in ready.values():
+            started.discard()
 
     @staticmethod
     def _check(res: CommandResult, what: str) -> None:

@@ -11,14 +11,17 @@ from rules.restore import RestoreBackend
 __all__ = ["make_backend"]
 
 
-def make_backend(name: str, *, runner: Runner | None = None, lock_wait_s: float = 5.0) -> Backend:
+def make_backend(name: str, *, runner: Runner | None = None, lock_wait_s: float = 5.0,
+                 prestart: bool = False) -> Backend:
     """The backend called ``name``; ``auto`` is iptc on legacy hosts where it loads, else restore.
+
+    ``prestart`` (for the daemon) keeps an iptables-restore started ahead of each transaction.
 
     Raises BackendUnavailable when iptables is missing or the named backend cannot work here.
     """
     run = runner or SubprocessRunner()
     if name == "restore":
-        backend = RestoreBackend(run, lock_wait_s)
+        backend = RestoreBackend(run, lock_wait_s, prestart=prestart)
         backend.tools(Family.V4)  # fail now, clearly, if iptables is missing
         return backend
     if name == "iptc":
@@ -29,5 +32,5 @@ def make_backend(name: str, *, runner: Runner | None = None, lock_wait_s: float 
                 return IptcBackend(run, lock_wait_s)
             except BackendUnavailable:
                 pass
-        return make_backend("restore", runner=run, lock_wait_s=lock_wait_s)
+        return make_backend("restore", runner=run, lock_wait_s=lock_wait_s, prestart=prestart)
     raise BackendUnavailable(f"unknown backend {name!r} (restore, iptc or auto)")

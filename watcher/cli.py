@@ -57,9 +57,13 @@ def chain_spec(cfg: Config) -> ChainSpec:
     return ChainSpec(cfg.firewall.chain, cfg.service.port, cfg.firewall.reject_with)
 
 
-def build_firewall(cfg: Config, log: Any = None) -> Firewall:
-    """The Firewall for ``cfg``, its backend chosen and checked (BackendUnavailable if not)."""
-    backend = make_backend(cfg.firewall.backend, lock_wait_s=cfg.firewall.lock_wait_s)
+def build_firewall(cfg: Config, log: Any = None, *, prestart: bool = False) -> Firewall:
+    """The Firewall for ``cfg``, its backend chosen and checked (BackendUnavailable if not).
+
+    ``prestart``: the daemon's choice, an iptables-restore kept started ahead of each change.
+    """
+    backend = make_backend(cfg.firewall.backend, lock_wait_s=cfg.firewall.lock_wait_s,
+                           prestart=prestart)
     return Firewall(backend, chain_spec(cfg), ipv6=cfg.firewall.ipv6, log=log)
 
 

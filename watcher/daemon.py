@@ -377,6 +377,7 @@ class Daemon:
         self._stop_sources()
         self._stop_process_sources()
         await loop.run_in_executor(self._exec, self._on_exit)
+        await loop.run_in_executor(self._exec, self._fw.close)
         self._exec.shutdown(wait=True)
         self._state.clear_daemon()
         self.log.info("agent-stop", on_exit=self.cfg.firewall.on_exit)
@@ -408,7 +409,8 @@ def run_daemon(cfg: Config, *, config_path: Path, config_given: bool, log_format
     pyinotify_log.handlers.clear()
     pyinotify_log.propagate = True
     try:
-        daemon = Daemon(cfg, firewall_factory=build_firewall, logging_=logging_,
+        daemon = Daemon(cfg, firewall_factory=functools.partial(build_firewall, prestart=True),
+                        logging_=logging_,
                         config_path=config_path if config_given or config_path.exists() else None)
         return asyncio.run(daemon.run())
     finally:
