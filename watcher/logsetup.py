@@ -91,6 +91,7 @@ ACTIONS: Mapping[str, EventClass] = {
     "proc-connector-unavailable": _ec("host", "info", "failure"),
     "proc-connector-overrun": _ec("host", "info", "failure"),
     "ipv6-unavailable": _ec("network", "info", "failure"),
+    "ipv6-read-failed": _ec("network", "info", "failure"),
     "sink-failed": _ec("host", "info", "failure"),
     "sink-recovered": _ec("host", "info", "success"),
     # Further actions the agent's modules log today.
