@@ -114,7 +114,9 @@ def test_iptables_failing_or_gone_at_run_time_is_retried_until_it_works(
     failed = bed.agent.wait_event("apply-failed", 5.0, after=mark)
     word = "exited 1" if how == "failing" else "not installed"
     assert word in failed["event.reason"], failed
-    assert bed.alive() and bed.both("open")
+    # An iptables-restore started ahead of need may still commit; the read-back then fails.
+    # Either way the chain is whole: open or blocked, one jump.
+    assert bed.alive() and valid(bed.view(4)) and valid(bed.view(6))
     if how == "failing":
         flag.unlink()
     else:
