@@ -85,7 +85,8 @@ class Daemon:
         self._sources: list[Any] = []
         self._pidfd: ProcessWatch | None = None
         self._proc: ProcConnectorSource | None = None
-        self._timers: list[asyncio.TimerHandle] = []
+        # One handle per purpose, replaced (never accumulated) each time it is re-armed.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._retry_s = 0.0
         self._ready = False
         self._stopping = False
@@ -112,8 +113,7 @@ class Daemon:
     def _tick(self) -> None:
         self.emit(Trigger(Source.TIMER, "safety-net", self._clock()))
         assert self._loop is not None
-        self._timers = [t for t in self._timers if not t.cancelled()]
-        self._timers.append(self._loop.call_later(self.cfg.probe.interval_s, self._tick))
+        self._arm("tick", self.cfg.probe.interval_s, self._tick)
 
     def _start_process_sources(self, loop: asyncio.AbstractEventLoop) -> None:
         """pidfd and proc connector: independent of the config, kept across reloads so the
@@ -129,6 +129,14 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     s.close()
 
+    def _arm(self, name: str, delay: float, callback: Callable[..., object], *args: object) -> None:
+        """(Re)arm the timer called ``name``: an earlier one of the same name is cancelled."""
+        assert self._loop is not None
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = self._loop.call_later(delay, callback, *args)
+
     def _start_sources(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg
         self._sources = [
@@ -138,15 +146,15 @@ class Daemon:
         ]
         for s in self._sources:
             s.attach(loop)
-        self._timers.append(loop.call_later(cfg.probe.interval_s, self._tick))
+        self._arm("tick", cfg.probe.interval_s, self._tick)
         wd = self._notify.watchdog_interval_s()
         if wd:
-            self._timers.append(loop.call_later(wd, self._watchdog, wd))
+            self._arm("watchdog", wd, self._watchdog, wd)
 
     def _stop_sources(self) -> None:
-        for t in self._timers:
+        for t in self._timers.values():
             t.cancel()
-        self._timers = []
+        self._timers = {}
         for s in self._sources:
             with contextlib.suppress(Exception):
                 s.close()
@@ -155,7 +163,7 @@ class Daemon:
     def _watchdog(self, interval: float) -> None:
         self._notify.watchdog()
         assert self._loop is not None
-        self._timers.append(self._loop.call_later(interval, self._watchdog, interval))
+        self._arm("watchdog", interval, self._watchdog, interval)
 
     # ------------------------------------------------------------------ decisions
 
@@ -213,8 +221,7 @@ class Daemon:
             elif isinstance(act, health.ProbeAgain):
                 assert self._loop is not None
                 delay = max(0.0, (act.after_ns - now) / 1e9)
-                self._timers.append(self._loop.call_later(
-                    delay, self.emit, Trigger(Source.TIMER, "rise", act.after_ns)))
+                self._arm("rise", delay, self.emit, Trigger(Source.TIMER, "rise", act.after_ns))
             elif isinstance(act, health.SetFirewall):
                 await self._apply(_to_rule_mode(act.mode), act.reason, trig, result)
         if isinstance(inp, health.AdminChange):
@@ -270,7 +277,7 @@ class Daemon:
         # Forget what we think is applied so the retry applies the health-derived mode again.
         self._applied = None
         assert self._loop is not None
-        self._timers.append(self._loop.call_later(self._retry_s, self._retry_apply))
+        self._arm("retry", self._retry_s, self._retry_apply)
 
     def _retry_apply(self) -> None:
         mode = health.desired_mode(self._health)

@@ -16,6 +16,7 @@ import os
 import queue
 import select
 import socket
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,9 +196,13 @@ class FileSink(Sink):
         self._checked_at = -ROTATE_CHECK_S
 
     def _open(self) -> None:
+        # O_NOFOLLOW: a symlink planted at the log path is refused, never written through.
         fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                     | os.O_NOCTTY, 0o640)
+                     | os.O_NOCTTY | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISCHR(st.st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, f"{self.target}: not a regular file")
         self._fd, self._ident = fd, (st.st_dev, st.st_ino)
 
     def _rotated(self) -> bool:
