@@ -79,6 +79,15 @@ def _cli_logger(cfg: Config) -> Any:
     return logsetup.configure(cfg.log, service_name=cfg.service.name, stream=sys.stderr).logger()
 
 
+def _firewall_command(args: argparse.Namespace) -> tuple[Config, Any, Firewall]:
+    """What every firewall-changing command starts with: a valid config, the privilege, a
+    logger on the configured sinks, and a checked backend. Raises before anything changes."""
+    cfg = _load(args)
+    require_net_admin()
+    log = _cli_logger(cfg)
+    return cfg, log, build_firewall(cfg, log)
+
+
 def _mode_of(state: Any) -> str:
     return str(state.mode_guess)
 
@@ -134,10 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_block(args: argparse.Namespace) -> int:
     """Record an admin block (it survives restarts) and apply it now."""
-    cfg = _load(args)
-    require_net_admin()
-    log = _cli_logger(cfg)
-    fw = build_firewall(cfg, log)
+    cfg, log, fw = _firewall_command(args)
     fw.families  # noqa: B018 - detect IPv6 before recording anything
     rec = StateDir(cfg.state.dir).set_admin(args.drain, args.reason)
     mode = Mode.DRAIN if args.drain else Mode.BLOCK
@@ -152,10 +158,7 @@ def cmd_block(args: argparse.Namespace) -> int:
 
 def cmd_unblock(args: argparse.Namespace) -> int:
     """Lift the admin block; with no daemon running, open the chain too."""
-    cfg = _load(args)
-    require_net_admin()
-    log = _cli_logger(cfg)
-    fw = build_firewall(cfg, log)
+    cfg, log, fw = _firewall_command(args)
     sd = StateDir(cfg.state.dir)
     had = sd.clear_admin()
     daemon = sd.daemon()
@@ -171,10 +174,7 @@ def cmd_unblock(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove our chain and its jump in both families."""
-    cfg = _load(args)
-    require_net_admin()
-    log = _cli_logger(cfg)
-    fw = build_firewall(cfg, log)
+    cfg, log, fw = _firewall_command(args)
     report = fw.remove()
     log.info("firewall-remove", trigger="admin", families=[str(f) for f in report.changed])
     print(f"removed chain {cfg.firewall.chain} and its jump"
