@@ -1,7 +1,10 @@
 """The state directory: the admin block that survives restarts, and the running daemon's status.
 
 Both are small JSON files written atomically (temporary file, fsync, rename) with mode 0600 in
-a directory of mode 0700, so a reader never sees half a file and only root can plant one.
+a directory of mode 0700, so a reader never sees half a file and only the directory's owner (the
+daemon's user) or root can plant one. Each file gets the directory's owner and group before it
+is renamed into place: ``block`` run by root leaves a file that a daemon running as its own
+user can read.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class StateDir:
         self.ensure()
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
         try:
+            self._own_like_dir(fd)
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, sort_keys=True)
                 f.write("\n")
@@ -61,6 +65,19 @@ class StateDir:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+    def _own_like_dir(self, fd: int) -> None:
+        """Give the open file the directory's owner and group, where this process may.
+
+        Root may always; an unprivileged writer (the daemon, writing ``daemon.json`` in its own
+        directory) already matches, or keeps its own ownership when the kernel refuses (EPERM).
+        """
+        want = os.stat(self.path)
+        have = os.fstat(fd)
+        if (have.st_uid, have.st_gid) == (want.st_uid, want.st_gid):
+            return
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, want.st_uid, want.st_gid)
 
     def _read(self, name: str) -> dict[str, Any] | None:
         """The JSON object in ``name``; None when it is absent, not a regular file, unreadable
@@ -97,7 +114,7 @@ class StateDir:
                            float(data.get("since", 0.0)))
 
     def set_admin(self, drain: bool, reason: str) -> AdminRecord:
-        """Record an admin block (replacing any earlier one)."""
+        """Record an admin block (replacing any earlier one), owned like the directory, mode 0600."""
         rec = AdminRecord(drain, reason, time.time())
         self._write(ADMIN_FILE, asdict(rec))
         return rec
