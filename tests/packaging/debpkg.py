@@ -26,6 +26,7 @@ __all__ = [
     "build_package",
     "dpkg_status",
     "services_held_back",
+    "unit_settings",
 ]
 
 PACKAGE = "sslvpn-heartbeat"
@@ -90,6 +91,16 @@ def build_package(top: Path) -> BuiltPackage:
     changes = sorted(top.glob(f"{PACKAGE}_*.changes"))
     assert len(debs) == 1 and len(changes) == 1, f"unexpected build products in {top}"
     return BuiltPackage(deb=debs[0], changes=changes[0], tree=tree, log=log)
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """A unit file's settings, each key with all its values in order (comments skipped)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
 
 
 def dpkg_status(package: str = PACKAGE) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import grp
+import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +19,14 @@ from pathlib import Path
 import pytest
 
 from tests.netns import Netns, wait_for
-from tests.packaging.debpkg import CLEAN_ENV, PACKAGE, BuiltPackage, Installed, dpkg_status
+from tests.packaging.debpkg import (
+    CLEAN_ENV,
+    PACKAGE,
+    BuiltPackage,
+    Installed,
+    dpkg_status,
+    unit_settings,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -24,7 +36,15 @@ UNIT = Path("/lib/systemd/system/sslvpn-heartbeat.service")
 INIT = Path("/etc/init.d/sslvpn-heartbeat")
 DEFAULTS = Path("/etc/default/sslvpn-heartbeat")
 CHAIN = "sslvpn-heartbeat-chain"
-MAX_EXPOSURE = 2.0
+AGENT = "sslvpn-heartbeat"
+CONFIG = Path("/etc/sslvpn-heartbeat/config.toml")
+STATE = Path("/var/lib/sslvpn-heartbeat")
+LOGS = Path("/var/log/sslvpn-heartbeat")
+XTABLES_LOCK = Path("/run/xtables.lock")
+# 1.9 as root; 1.7 as its own user with CAP_NET_ADMIN and CAP_NET_RAW (1.6 without NET_RAW).
+MAX_EXPOSURE = 1.7
+# CAP_NET_ADMIN (12) and CAP_NET_RAW (13), as /proc/PID/status prints capability sets.
+AGENT_CAPS = f"{(1 << 12) | (1 << 13):016x}"
 
 
 def run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -61,10 +81,10 @@ def test_build_leaves_work_tree_clean(built: BuiltPackage) -> None:
 
 
 def test_depends_come_from_dh_python3_plus_iptables(built: BuiltPackage) -> None:
-    """Depends lists iptables and the Debian packages of every runtime Python dependency."""
+    """Depends lists adduser, iptables and the Debian package of each runtime Python dependency."""
     depends = run(["dpkg-deb", "-f", str(built.deb), "Depends"]).stdout
     names = {d.strip().split()[0] for d in depends.split(",") if d.strip()}
-    assert {"iptables", "python3-pyroute2", "python3-pyinotify", "python3-iptables",
+    assert {"adduser", "iptables", "python3-pyroute2", "python3-pyinotify", "python3-iptables",
             "python3-structlog"} <= names, depends
     assert any(n.startswith("python3") and "pyroute2" not in n for n in names)
 
@@ -95,18 +115,48 @@ def test_lintian_is_clean(built: BuiltPackage) -> None:
 # --- installed ---------------------------------------------------------------------------------
 
 
+def owner(path: Path) -> tuple[str, str, int]:
+    """(user, group, permission bits) of ``path``, not following a symlink."""
+    st = path.lstat()
+    return (pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name,
+            stat.S_IMODE(st.st_mode))
+
+
 def test_installed_files_and_modes(installed: Installed) -> None:
-    """apt installed the files; state dir is root-only; the xtables lock and rc links exist."""
+    """apt installed the files; state and log dirs are the agent's; lock, config and rc links."""
     assert dpkg_status() == "installed"
     assert os.access(COMMAND, os.X_OK) and os.access(INIT, os.X_OK)
-    state = Path("/var/lib/sslvpn-heartbeat")
-    assert state.is_dir() and stat.S_IMODE(state.stat().st_mode) == 0o750
-    assert Path("/run/xtables.lock").exists(), "tmpfiles.d did not create the xtables lock"
+    assert STATE.is_dir() and owner(STATE) == (AGENT, AGENT, 0o700)
+    assert LOGS.is_dir() and owner(LOGS) == (AGENT, AGENT, 0o750)
+    assert owner(CONFIG) == ("root", AGENT, 0o640)
+    assert XTABLES_LOCK.is_file(), "tmpfiles.d did not create the xtables lock"
+    assert owner(XTABLES_LOCK) == ("root", AGENT, 0o660)
     assert list(Path("/etc").glob("rc2.d/S*sslvpn-heartbeat")), "init script not enabled"
     assert list(Path("/etc").glob("rc0.d/K*sslvpn-heartbeat"))
     conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", PACKAGE]).stdout
     assert "/etc/sslvpn-heartbeat/config.toml" in conffiles
     assert str(DEFAULTS) in conffiles
+
+
+def test_agent_user_is_a_system_account(installed: Installed) -> None:
+    """postinst made a system user with its own group, no login shell, home the state dir."""
+    user = pwd.getpwnam(AGENT)
+    group = grp.getgrnam(AGENT)
+    assert user.pw_gid == group.gr_gid
+    assert 0 < user.pw_uid < 1000, user
+    assert user.pw_dir == str(STATE)
+    assert user.pw_shell.endswith(("/nologin", "/false")), user.pw_shell
+    override = run(["dpkg-statoverride", "--list", str(CONFIG)]).stdout.split()
+    assert override == ["root", AGENT, "640", str(CONFIG)]
+
+
+def test_installed_unit_runs_as_the_agent(installed: Installed) -> None:
+    """The installed unit runs as the user with CAP_NET_ADMIN and CAP_NET_RAW, nothing else."""
+    u = unit_settings(UNIT)
+    assert u["User"] == [AGENT] and u["Group"] == [AGENT]
+    caps = {"CAP_NET_ADMIN", "CAP_NET_RAW"}
+    assert set(u["AmbientCapabilities"][0].split()) == caps
+    assert set(u["CapabilityBoundingSet"][0].split()) == caps
 
 
 def test_cli_runs_from_private_dir(installed: Installed) -> None:
@@ -143,7 +193,7 @@ def test_systemd_analyze_verify(installed: Installed) -> None:
 
 
 def test_systemd_security_exposure(installed: Installed) -> None:
-    """systemd-analyze security --offline rates the unit's exposure at most 2.0."""
+    """systemd-analyze security --offline rates the unit's exposure at most 1.7."""
     proc = run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)])
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"Overall exposure level for sslvpn-heartbeat\.service: (\d+\.\d+)", proc.stdout)
@@ -179,18 +229,25 @@ def daemon_present(built: BuiltPackage) -> bool:
 
 
 class Scene:
-    """A namespace with a fake service, a test config, and the defaults file pointing at it."""
+    """A namespace with a fake service, a test config, and the defaults file pointing at it.
 
-    def __init__(self, ns: Netns, tmp: Path) -> None:
-        self.ns, self.tmp = ns, tmp
-        self.pid_file = tmp / "svc.pid"
-        self.log = tmp / "daemon.log"
-        self.config = tmp / "config.toml"
+    Its files live in a directory that the agent's user can traverse (pytest's own temporary
+    directories are root's alone), and its state directory belongs to that user.
+    """
+
+    def __init__(self, ns: Netns, top: Path, flavour: str = "nft") -> None:
+        self.ns, self.tmp, self.flavour = ns, top, flavour
+        self.pid_file = top / "svc.pid"
+        self.log = top / "daemon.log"
+        self.config = top / "config.toml"
+        self.state = top / "state"
+        self.state.mkdir(mode=0o700)
+        shutil.chown(self.state, AGENT, AGENT)
         self.config.write_text(
             "[service]\n"
             f'pid_file = "{self.pid_file}"\nport = 8080\n'
             "[probe]\ninterval_s = 0.5\ntimeout_ms = 500\nrise_interval_ms = 50\n"
-            f'[state]\ndir = "{tmp / "state"}"\n'
+            f'[state]\ndir = "{self.state}"\n'
         )
         self.service: subprocess.Popen[bytes] | None = None
 
@@ -211,25 +268,62 @@ class Scene:
         """Run the installed init script's ``action`` inside the namespace."""
         return self.ns.run([str(INIT), action], env=CLEAN_ENV, check=False, timeout=120)
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the installed command as root inside the namespace, with the scene's config."""
+        return self.ns.run([str(COMMAND), *args, "--config", str(self.config)], env=CLEAN_ENV,
+                           check=False, timeout=60)
+
     def chain(self) -> str:
         """The agent's chain in the namespace, as iptables-save prints it (IPv4)."""
-        out = self.ns.run(["iptables-save", "-t", "filter"]).stdout
+        save = "iptables-save" if self.flavour == "nft" else "iptables-legacy-save"
+        out = self.ns.run([save, "-t", "filter"]).stdout
         return "\n".join(ln for ln in out.splitlines() if CHAIN in ln)
 
     def blocked(self) -> bool:
-        """True if the chain holds the REJECT rule for port 8080."""
+        """True if the chain holds the REJECT rule for port 8080 (full block or drain)."""
         return "--dport 8080" in self.chain() and "REJECT" in self.chain()
 
+    def drained(self) -> bool:
+        """True if the chain holds the drain rule: REJECT of new connections (SYN) only."""
+        return self.blocked() and "--tcp-flags FIN,SYN,RST,ACK SYN" in self.chain()
 
-@pytest.fixture
-def scene(installed: Installed, tmp_path: Path) -> Iterator[Scene]:
-    """A fresh namespace and test config; the defaults file is restored and the daemon stopped."""
+    def daemon_pid(self) -> int:
+        """The PID that the init script's PID file names."""
+        return int(Path("/run/sslvpn-heartbeat.pid").read_text().strip())
+
+    def log_events(self, action: str) -> list[dict[str, object]]:
+        """The daemon's JSON log lines (captured by the init script) with this event.action."""
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and ev.get("event.action") == action:
+                out.append(ev)
+        return out
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """The fields of /proc/PID/status."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def make_scene(installed: Installed, flavour: str, defaults_extra: str = "") -> Iterator[Scene]:
+    """A scene in a fresh namespace; the defaults file restored and the daemon stopped after."""
     if not daemon_present(installed.built):
         pytest.skip("the daemon (`sslvpn-heartbeat run`, watcher/daemon.py) is not written yet")
+    top = Path(tempfile.mkdtemp(prefix="sslvpn-pkg-"))
+    top.chmod(0o755)
     ns = Netns("pki")
-    s = Scene(ns, tmp_path)
+    s = Scene(ns, top, flavour)
     saved = DEFAULTS.read_bytes()
-    DEFAULTS.write_text(f"CONFIG={s.config}\nLOGFILE={s.log}\nSTART_TIMEOUT=20\nSTOP_TIMEOUT=5\n")
+    DEFAULTS.write_text(f"CONFIG={s.config}\nLOGFILE={s.log}\nSTART_TIMEOUT=20\nSTOP_TIMEOUT=5\n"
+                        + defaults_extra)
     try:
         yield s
     finally:
@@ -239,6 +333,32 @@ def scene(installed: Installed, tmp_path: Path) -> Iterator[Scene]:
             DEFAULTS.write_bytes(saved)
             ns.close()
             Path("/run/sslvpn-heartbeat.pid").unlink(missing_ok=True)
+            shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def scene(installed: Installed) -> Iterator[Scene]:
+    """A fresh namespace and test config on the host's iptables (nf_tables on Debian 12)."""
+    yield from make_scene(installed, "nft")
+
+
+@pytest.fixture
+def legacy_scene(installed: Installed) -> Iterator[Scene]:
+    """A scene whose iptables commands are the legacy ones (PATH set in the defaults file)."""
+    for tool in ("iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"):
+        if shutil.which(tool, path=CLEAN_ENV["PATH"]) is None:
+            pytest.skip(f"{tool} not installed")
+    top_bin = Path(tempfile.mkdtemp(prefix="sslvpn-legacy-bin-"))
+    top_bin.chmod(0o755)
+    try:
+        for fam in ("iptables", "ip6tables"):
+            for suffix in ("", "-save", "-restore"):
+                target = shutil.which(f"{fam}-legacy{suffix}", path=CLEAN_ENV["PATH"])
+                assert target
+                (top_bin / f"{fam}{suffix}").symlink_to(target)
+        yield from make_scene(installed, "legacy", f"PATH={top_bin}:{CLEAN_ENV['PATH']}\n")
+    finally:
+        shutil.rmtree(top_bin, ignore_errors=True)
 
 
 @pytest.mark.netns
@@ -299,11 +419,79 @@ def test_try_restart_keep_never_opens_a_blocked_chain(scene: Scene) -> None:
     assert scene.blocked()
 
 
+@pytest.mark.netns
+def test_init_script_runs_the_agent_as_its_user_with_two_capabilities(scene: Scene) -> None:
+    """The daemon runs as sslvpn-heartbeat with CAP_NET_ADMIN+CAP_NET_RAW only, no new privs."""
+    scene.start_service()
+    proc = scene.init("start")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + scene.log.read_text(errors="replace")
+    status = proc_status(scene.daemon_pid())
+    agent = pwd.getpwnam(AGENT)
+    assert status["Uid"].split() == [str(agent.pw_uid)] * 4
+    assert status["Gid"].split() == [str(agent.pw_gid)] * 4
+    for field in ("CapPrm", "CapEff", "CapAmb", "CapBnd", "CapInh"):
+        assert status[field] == AGENT_CAPS, f"{field} {status[field]}"
+    assert status["NoNewPrivs"] == "1"
+    # The readiness socket's directory is gone: start-stop-daemon cleaned it up after READY=1.
+    assert not list(Path("/run").glob(".s-s-d-notify.*"))
+    # daemon.json, written by the agent as its user, in its own state directory.
+    wait_for(lambda: (scene.state / "daemon.json").exists(), 10, "daemon.json")
+    assert (scene.state / "daemon.json").stat().st_uid == agent.pw_uid
+
+
+@pytest.mark.netns
+def test_root_cli_drain_stays_a_drain_under_the_agent_user(scene: Scene) -> None:
+    """block --drain by root is read by the user's daemon as a drain; unblock opens the chain."""
+    scene.start_service()
+    proc = scene.init("start")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + scene.log.read_text(errors="replace")
+    assert not scene.blocked()
+    reason = "packaging drain test"
+    proc = scene.cli("block", "--drain", "--reason", reason)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    admin = scene.state / "admin-block.json"
+    assert owner(admin) == (AGENT, AGENT, 0o600)
+    # The daemon saw the file and logged the block with the operator's reason: it could read it
+    # (an unreadable file would be logged as a full block with another reason).
+    wait_for(lambda: [e for e in scene.log_events("admin-block") if e.get("event.reason") == reason],
+             10, "the daemon's admin-block event with the operator's reason")
+    report = json.loads(scene.cli("status", "--json").stdout)
+    assert report["daemon"]["admin"] is True and report["daemon"]["mode"] == "drain", report
+    assert scene.drained(), scene.chain()
+    # The service dies during the drain: the admin block still decides, and it is a drain.
+    scene.kill_service()
+    wait_for(lambda: json.loads(scene.cli("status", "--json").stdout)["daemon"]["health"] == "down",
+             10, "the daemon to see the service down")
+    assert scene.drained(), scene.chain()
+    scene.start_service()
+    proc = scene.cli("unblock")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_for(lambda: not scene.blocked(), 10, "the chain to open after unblock")
+    assert not admin.exists()
+
+
+@pytest.mark.netns
+def test_legacy_iptables_works_under_the_agent_user(legacy_scene: Scene) -> None:
+    """On legacy iptables the user's daemon blocks and opens (CAP_NET_RAW, group-writable lock)."""
+    scene = legacy_scene
+    scene.start_service()
+    proc = scene.init("start")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + scene.log.read_text(errors="replace")
+    assert owner(XTABLES_LOCK) == ("root", AGENT, 0o660)
+    assert f":{CHAIN}" in scene.chain() and not scene.blocked(), scene.chain()
+    assert proc_status(scene.daemon_pid())["Uid"].split()[0] == str(pwd.getpwnam(AGENT).pw_uid)
+    scene.kill_service()
+    wait_for(scene.blocked, 10, "the REJECT rule (legacy) after the service died")
+    scene.start_service()
+    wait_for(lambda: not scene.blocked(), 15, "the chain (legacy) to open again")
+    assert not scene.log_events("apply-failed"), scene.log.read_text(errors="replace")[-3000:]
+
+
 # --- removal -----------------------------------------------------------------------------------
 
 
 def test_purge_leaves_nothing(installed: Installed) -> None:
-    """Removal deletes the chain and its jump (in the namespace); purge leaves no file behind."""
+    """Removal deletes the chain and jump; purge leaves no file and no privilege, only the user."""
     installed.ensure()
     files = [Path(p) for p in run(["dpkg-query", "-L", PACKAGE]).stdout.splitlines() if p]
     ns = installed.ns
@@ -330,4 +518,10 @@ def test_purge_leaves_nothing(installed: Installed) -> None:
     assert not list(Path("/etc").glob("rc?.d/*sslvpn-heartbeat"))
     assert not Path("/etc/systemd/system/multi-user.target.wants/sslvpn-heartbeat.service"
                     ).is_symlink()
+    # The system user and group stay (Debian's habit: their ids may still own files elsewhere);
+    # what they were granted goes: the config's statoverride and the lock's group.
+    assert pwd.getpwnam(AGENT) and grp.getgrnam(AGENT)
+    assert run(["dpkg-statoverride", "--list", str(CONFIG)]).stdout == ""
+    if XTABLES_LOCK.exists():
+        assert owner(XTABLES_LOCK) == ("root", "root", 0o600)
 

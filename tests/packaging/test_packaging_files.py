@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import REPO
+from tests.packaging.debpkg import unit_settings
 from watcher.config import SCHEMA, Config, load_config
 
 PKG = REPO / "packaging"
@@ -100,16 +101,6 @@ def test_init_script_actions() -> None:
     assert subprocess.run(["sh", "-n", str(PKG / "sslvpn-heartbeat.init")]).returncode == 0
 
 
-def unit_settings(path: Path) -> dict[str, list[str]]:
-    """The unit file's settings, each key with all its values in order."""
-    out: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, value = line.split("=", 1)
-            out.setdefault(key.strip(), []).append(value.strip())
-    return out
-
-
 def test_unit_is_notify_with_watchdog_and_sandbox() -> None:
     """Type=notify, watchdog, restart on failure, two capabilities, writable state and lock."""
     u = unit_settings(PKG / "sslvpn-heartbeat.service")
@@ -124,7 +115,33 @@ def test_unit_is_notify_with_watchdog_and_sandbox() -> None:
         assert fw in u["After"][0].split() and fw in u["PartOf"][0].split()
 
 
-def test_tmpfiles_creates_the_xtables_lock() -> None:
-    """The tmpfiles.d entry creates /run/xtables.lock, which the unit's ReadWritePaths needs."""
+def test_unit_runs_as_the_agent_user_with_two_ambient_capabilities() -> None:
+    """User=/Group= sslvpn-heartbeat; ambient caps equal the bounding set; private state dir."""
+    u = unit_settings(PKG / "sslvpn-heartbeat.service")
+    assert u["User"] == ["sslvpn-heartbeat"] and u["Group"] == ["sslvpn-heartbeat"]
+    assert len(u["AmbientCapabilities"]) == 1 and len(u["CapabilityBoundingSet"]) == 1
+    assert set(u["AmbientCapabilities"][0].split()) == set(u["CapabilityBoundingSet"][0].split())
+    assert u["NoNewPrivileges"] == ["yes"]
+    assert u["StateDirectoryMode"] == ["0700"]
+    assert "DynamicUser" not in u  # the state directory and the lock's group need a fixed user
+
+
+def test_init_script_grants_what_the_unit_grants() -> None:
+    """The init script drops to the same user with the same capabilities as the systemd unit."""
+    text = (PKG / "sslvpn-heartbeat.init").read_text()
+    u = unit_settings(PKG / "sslvpn-heartbeat.service")
+    m = re.search(r"^AGENT=(\S+)$", text, re.M)
+    assert m and m.group(1) == u["User"][0]
+    m = re.search(r"^AGENT_CAPS=(\S+)$", text, re.M)
+    assert m
+    init_caps = {c.lstrip("+").upper() for c in m.group(1).split(",")}
+    assert {f"CAP_{c}" for c in init_caps} == set(u["CapabilityBoundingSet"][0].split())
+    for opt in ("--ambient-caps", "--inh-caps", "--bounding-set", "--no-new-privs", "--reuid"):
+        assert opt in text, f"setpriv {opt} missing from the init script"
+
+
+def test_tmpfiles_makes_the_xtables_lock_writable_by_the_agent_group() -> None:
+    """tmpfiles.d creates the lock (f) and fixes an existing one (z): 0660 root:sslvpn-heartbeat."""
     text = (PKG / "sslvpn-heartbeat.tmpfiles").read_text()
-    assert re.search(r"^f /run/xtables\.lock 0600 root root", text, re.M)
+    for kind in ("f", "z"):
+        assert re.search(rf"^{kind} /run/xtables\.lock 0660 root sslvpn-heartbeat", text, re.M), kind
