@@ -12,6 +12,8 @@ Variants (each alternates BLOCK and OPEN; one sample is one swap):
   read back;
 - ``Firewall restore, hot``: ``Firewall.ensure(fresh=False)``, the daemon's path on a
   transition: planned from the previous read-back, then apply and read back;
+- ``Firewall restore, daemon``: the hot path as the daemon runs it, with an iptables-restore
+  started ahead of each transaction (``RestoreBackend(prestart=True)``);
 - ``Firewall iptc`` (and ``, hot``): the same with the iptc backend (legacy only);
 - ``iptc apply only``: ``IptcBackend.apply()`` of a precomputed plan, no read, no read-back;
 - ``(what-if) apply+iptc``: the restore backend writing, libiptc reading back (legacy);
@@ -248,6 +250,8 @@ def inner(rounds: int, legacy_path: str) -> None:
     results.append(bare_restore(rounds))
     results.append(firewall_swaps(RestoreBackend(), rounds))
     results.append(firewall_swaps(RestoreBackend(), rounds, "Firewall restore, hot", fresh=False))
+    results.append(firewall_swaps(RestoreBackend(prestart=True), rounds, "Firewall restore, daemon",
+                                  fresh=False))
     results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "nf_tables", rounds))
     results.append(reference("(ref) spawn true", [true], "nf_tables", rounds))
     os.environ["PATH"] = legacy_path
