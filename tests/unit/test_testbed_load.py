@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns import REPO, wait_for
 from tests.testbed.load import Record, parse_answer, read_records, run_load, schedule, summarize
 
 
@@ -95,3 +99,34 @@ def test_run_load_ends_by_itself_when_nothing_answers() -> None:
         s = run_load(f"http://127.0.0.1:{port}/", 50, 0.2, io.StringIO(), timeout=0.3)
         assert time.monotonic() - start < 0.2 + 0.3 + 1.5
     assert (s.total, s.bad) == (10, 10)
+
+
+def test_sigterm_ends_the_schedule_but_records_requests_in_flight(tmp_path: Path) -> None:
+    """SIGTERM sends nothing more, yet every request already sent is recorded (here as a
+    timeout), so the window that ends at the stop loses none of its requests."""
+    out = tmp_path / "load.jsonl"
+    with socket.socket() as silent:  # accepts (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(512)
+        port = silent.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.testbed.load", "--url", f"http://127.0.0.1:{port}/",
+             "--rate", "50", "--duration", "20", "--timeout", "1.0", "--out", str(out)],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 5, 10,
+                     "the first timed-out requests")
+            before = len(out.read_text().splitlines())
+            proc.send_signal(signal.SIGTERM)
+            stdout, _ = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0
+    recs = read_records(out)
+    # At 50/s with a 1 s timeout about 50 requests were in flight at the stop.
+    assert len(recs) >= before + 20, (before, len(recs))
+    assert sorted(r.i for r in recs) == list(range(len(recs)))  # nothing sent goes unrecorded
+    assert len(recs) < 50 * 20 / 2  # and the schedule really stopped
+    assert json.loads(stdout)["total"] == len(recs)
