@@ -121,7 +121,9 @@ def test_the_same_failovers_without_agents_cost_hundreds(with_agents: Run,
         assert len(f.bad) >= 100, (f.failover, len(f.bad))
         assert {(r.status, r.server) for r in f.bad} == {(503, f"server{f.failover.server}")}
         assert f.chain_after_start is None  # no agent, no chain
-    assert sum(bare.bad_per_failover) >= 100 * max(1, sum(with_agents.outcome.bad_per_failover))
+    # At least 50x: still true when every failover with agents costs the 2 bad answers allowed
+    # (8 in all) and the bare run only reaches 70% of its expected count (420 of 600).
+    assert sum(bare.bad_per_failover) >= 50 * max(1, sum(with_agents.outcome.bad_per_failover))
     expected = FAILOVERS.rate / FAILOVERS.n_servers * FAILOVERS.down_s
     assert min(bare.bad_per_failover) >= math.floor(0.7 * expected)
 
