@@ -120,6 +120,36 @@ async def _scenario_inherit() -> dict[str, Any]:
             "data": trig.data, "evidence": trig.evidence}
 
 
+async def _scenario_overrun() -> dict[str, Any]:
+    """Many sockets die while the loop does not read: the smallest buffer overflows."""
+    got: list[Trigger] = []
+    lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    class Log:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **kw: lines.append((level, event, kw))
+
+    watch = ListenerWatch(PORT, got.append, Log(), rcvbuf=1)  # the kernel's minimum
+    watch.attach(asyncio.get_running_loop())
+    try:
+        for _ in range(200):  # every TCP socket of the namespace is reported when it dies
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        deadline = time.monotonic() + 5
+        while not any(t.detail == "overrun" for t in got) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        # After the overrun the grown buffer holds a listener's destroy again.
+        _listen(socket.AF_INET, "127.0.0.1", PORT).close()
+        while not any(t.evidence is Evidence.DEATH for t in got) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        watch.close()
+    overruns = [t for t in got if t.detail == "overrun"]
+    return {"overruns": len(overruns),
+            "evidence": [t.evidence for t in overruns],
+            "logged": [[lvl, ev, kw.get("rcvbuf", 0)] for lvl, ev, kw in lines],
+            "deaths": sum(t.evidence is Evidence.DEATH for t in got)}
+
+
 def _drive(netns: Netns, *args: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = netns.run(netns.python("-m", "tests.integration.test_sources_sock_diag", *args),
@@ -165,8 +195,21 @@ def test_inherited_fd_keeps_the_listener_alive(netns: Netns) -> None:
     assert (out["evidence"], out["data"]["port"]) == (Evidence.DEATH, PORT)
 
 
+@pytest.mark.netns
+def test_overrun_grows_buffer_logs_and_hints(netns: Netns) -> None:
+    """Dropped destroys (ENOBUFS) grow the buffer, log sock-diag-overrun and emit a HINT; the
+    listener's destroy is still seen after that."""
+    out = _drive(netns, "overrun")
+    assert out["overruns"] >= 1
+    assert set(out["evidence"]) == {Evidence.HINT}
+    overrun_lines = [ln for ln in out["logged"] if ln[1] == "sock-diag-overrun"]
+    assert overrun_lines and all(lvl == "warning" and size >= 1 << 20
+                                 for lvl, _, size in overrun_lines)
+    assert out["deaths"] == 1
+
+
 if __name__ == "__main__":
     scenarios = {"dump": _scenario_dump, "destroy": _scenario_destroy,
-                 "inherit": _scenario_inherit}
+                 "inherit": _scenario_inherit, "overrun": _scenario_overrun}
     result = asyncio.run(scenarios[sys.argv[1]](*sys.argv[2:]))
     print(json.dumps(result))

@@ -38,7 +38,7 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import SS_LISTEN
 
 from watcher.events import Evidence, Source, Trigger
-from watcher.sources._netlink import NetlinkDecodeError, iter_messages, open_netlink
+from watcher.sources._netlink import NetlinkDecodeError, grow_rcvbuf, iter_messages, open_netlink
 
 __all__ = [
     "NETLINK_SOCK_DIAG",
@@ -175,14 +175,19 @@ async def listening(port: int) -> bool:
 
 
 class ListenerWatch:
-    """Emits a DEATH trigger when a TCP listener on ``port`` is destroyed (IPv4 or IPv6)."""
+    """Emits a DEATH trigger when a TCP listener on ``port`` is destroyed (IPv4 or IPv6).
+
+    ``rcvbuf``, when given, is the initial socket receive buffer size in bytes. When destroys
+    were dropped (ENOBUFS) the buffer is grown and a HINT asks for a probe at once.
+    """
 
     def __init__(self, port: int, emit: Callable[[Trigger], None], log: Any, *,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, rcvbuf: int | None = None) -> None:
         self.port = port
         self._emit = emit
         self._log = log
         self._clock = clock
+        self._rcvbuf = rcvbuf
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self.available = False
@@ -198,6 +203,9 @@ class ListenerWatch:
             self._log.warning("sock-diag-destroy-unavailable",
                               reason=os.strerror(exc.errno) if exc.errno else str(exc))
             return
+        if self._rcvbuf is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
         self._sock, self._loop, self.available = sock, loop, True
         loop.add_reader(sock.fileno(), self._on_readable)
 
@@ -222,9 +230,12 @@ class ListenerWatch:
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    # Destroys were dropped: one of them may have been ours.
-                    self._log.warning("sock-diag-overrun")
-                    self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock()))
+                    # Destroys were dropped: one of them may have been ours. Every TCP socket
+                    # of the namespace is reported here, so a busy server can fill the buffer.
+                    size = grow_rcvbuf(sock)
+                    self._log.warning("sock-diag-overrun", rcvbuf=size)
+                    self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT,
+                                       {"rcvbuf": size}))
                     continue
                 self._log.error("sock-diag-error", reason=os.strerror(exc.errno or 0))
                 self.close()
