@@ -16,6 +16,22 @@ from watcher.errors import EX_CONFIG, EX_OK, EX_USAGE
 SUBCOMMANDS = ["run", "check", "status", "block", "unblock", "cleanup", "config-check"]
 
 
+@pytest.fixture(autouse=True)
+def _no_firewall_reachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """These tests run in the initial network namespace, perhaps as root: with no iptables on
+    PATH and the in-process backend ruled out, a regression that got past the config check
+    would fail with "iptables not found" instead of changing this namespace's firewall."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    import rules.select
+
+    def refuse(*_a: object, **_k: object) -> object:
+        raise AssertionError("a unit test reached the firewall backend")
+
+    monkeypatch.setattr(rules.select, "IptcBackend", refuse)
+
+
 def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
     p = tmp_path / name
     p.write_text(text)
