@@ -110,8 +110,12 @@ class StateDir:
         data = self._read(ADMIN_FILE)
         if data is None:
             return AdminRecord(False, "unreadable admin-block file: treated as a block", 0.0)
-        return AdminRecord(bool(data.get("drain", False)), str(data.get("reason", ""))[:512],
-                           float(data.get("since", 0.0)))
+        drain, reason, since = data.get("drain", False), data.get("reason", ""), data.get("since", 0.0)
+        # Fields of the wrong type (a hand-edited or damaged file) make it a full block too.
+        if (not isinstance(drain, bool) or not isinstance(reason, str)
+                or isinstance(since, bool) or not isinstance(since, (int, float))):
+            return AdminRecord(False, "malformed admin-block file: treated as a block", 0.0)
+        return AdminRecord(drain, reason[:512], float(since))
 
     def set_admin(self, drain: bool, reason: str) -> AdminRecord:
         """Record an admin block (replacing any earlier one), owned like the directory, mode 0600."""

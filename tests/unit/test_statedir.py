@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from watcher.statedir import ADMIN_FILE, DAEMON_FILE, StateDir
 
@@ -36,3 +41,21 @@ def test_unreadable_admin_file_counts_as_full_block(tmp_path: Path) -> None:
     (tmp_path / ADMIN_FILE).write_text("[1, 2]\n")
     got = StateDir(tmp_path).admin()
     assert got is not None and not got.drain
+
+
+@given(st.dictionaries(st.sampled_from(["drain", "reason", "since", "other"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                                 st.text(max_size=20), st.lists(st.integers(), max_size=2))))
+@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_admin_json_object_reads_without_raising(tmp_path: Path, data: dict[str, Any]) -> None:
+    """Whatever JSON object the admin file holds, admin() returns a record; fields of the wrong
+    type make it a full block (a drain only from a real true)."""
+    (tmp_path / ADMIN_FILE).write_text(json.dumps(data))
+    got = StateDir(tmp_path).admin()
+    assert got is not None
+    if got.drain:
+        assert data.get("drain") is True
+    typed = (isinstance(data.get("drain", False), bool) and isinstance(data.get("reason", ""), str)
+             and type(data.get("since", 0.0)) in (int, float))
+    if not typed:
+        assert not got.drain and "malformed" in got.reason
