@@ -94,6 +94,10 @@ class TimedBackend:
         """The wrapped backend's flavour."""
         return self.inner.flavour(family)
 
+    def plans_from_fresh_read(self, family: Family) -> bool:
+        """The wrapped backend's answer."""
+        return self.inner.plans_from_fresh_read(family)
+
     def read(self, family: Family, chain: str) -> TableState:
         """The wrapped read, timed."""
         t = time.perf_counter_ns()

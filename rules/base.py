@@ -171,3 +171,7 @@ class Backend(Protocol):
     def apply(self, plan: Plan) -> None:
         """Commit ``plan`` as one transaction."""
         ...
+
+    def plans_from_fresh_read(self, family: Family) -> bool:
+        """True when a plan must come from a read made just before it (never from a cache)."""
+        ...

@@ -150,6 +150,7 @@ class Firewall:
     def _ensure_family(self, fam: Family, mode: Mode, force: bool, fresh: bool) -> _FamilyResult:
         want = desired_state(self.spec, fam, mode)
         tx = retries = 0
+        fresh = fresh or self.backend.plans_from_fresh_read(fam)
         cached = None if fresh else self._known.get(fam)
         self._known.pop(fam, None)  # until read back, nothing is known
         observed = cached if cached is not None else self.backend.read(fam, self.spec.name)

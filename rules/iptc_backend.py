@@ -152,6 +152,11 @@ class IptcBackend:
         t.reject_with = rw
         return r
 
+    def plans_from_fresh_read(self, family: Family) -> bool:
+        """False: the commit changes only our chain and jump in a table libiptc reads itself,
+        so built-in policies and counters are carried over from the kernel, not from the plan."""
+        return False
+
     def apply(self, plan: Plan) -> None:
         """Change the table in memory and commit it once, under the xtables lock."""
         iptc = self._iptc

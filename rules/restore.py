@@ -55,6 +55,12 @@ class RestoreBackend:
             self._ready[family] = StartedCommand(self._restore_argv(t))
         return state
 
+    def plans_from_fresh_read(self, family: Family) -> bool:
+        """True on legacy x_tables: each transaction re-declares the built-in chains with the
+        policies and counters it was planned from, so a plan made from an old read would
+        write old policies and counters back. Plan from a read made just before."""
+        return self.tools(family).flavour == "legacy"
+
     def _restore_argv(self, t: Tools) -> list[str]:
         argv = [t.restore, "--noflush", "--wait", str(self._wait)]
         if t.flavour == "legacy":

@@ -93,6 +93,78 @@ def host(request: pytest.FixtureRequest, netns: Netns, tmp_path: Path) -> Iterat
         yield Host(netns, flavour, backend, env, cfg)
 
 
+_HOT_SWAP = """
+import subprocess, sys
+from rules.firewall import Firewall
+from rules.model import ChainSpec, Mode
+from rules.select import make_backend
+fw = Firewall(make_backend(sys.argv[1]), ChainSpec(), ipv6=False)
+fw.ensure(Mode.BLOCK)
+subprocess.run([sys.argv[2], "-P", "FORWARD", "DROP"], check=True)  # someone else, meanwhile
+fw.ensure(Mode.OPEN, fresh=False)  # the daemon's hot path: planned from the last read-back
+fw.close()
+"""
+
+
+def test_hot_path_swap_keeps_a_policy_changed_since_the_last_read(host: Host) -> None:
+    """A swap planned from the previous read-back (the daemon's hot path) leaves a built-in
+    chain's policy set by someone else in the meantime as it is."""
+    host.ns.run([sys.executable, "-c", _HOT_SWAP, host.backend, f"iptables-{host.flavour}"],
+                env=host.env)
+    saved = host.save()
+    assert ":FORWARD DROP" in saved, saved
+    assert "-A INPUT -j sslvpn-heartbeat-chain" in saved
+
+
+_ECHO = """
+import socket, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080)); s.listen(64); print("up", flush=True)
+def serve(c):
+    while (data := c.recv(64)):
+        c.sendall(data)
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+
+_SESSION = """
+import socket, sys
+s = socket.create_connection(("10.77.0.1", 8080), timeout=3)
+s.sendall(b"one"); print(s.recv(64).decode(), flush=True)
+sys.stdin.readline()  # the drain is set meanwhile
+s.sendall(b"two"); print(s.recv(64).decode(), flush=True)
+try:
+    socket.create_connection(("10.77.0.1", 8080), timeout=3)
+    print("new: connected", flush=True)
+except ConnectionRefusedError:
+    print("new: refused", flush=True)
+"""
+
+
+def test_drain_keeps_established_sessions_and_refuses_new_ones(host: Host,
+                                                               client_ns: Netns) -> None:
+    """`block --drain`: a session opened before goes on exchanging data; a new one is refused."""
+    veth_pair(host.ns, client_ns, "10.77.0.1", "10.77.0.2")
+    server = host.ns.popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    session = None
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "up"
+        session = client_ns.popen([sys.executable, "-c", _SESSION], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        assert session.stdout is not None and session.stdin is not None
+        assert session.stdout.readline().strip() == "one"
+        host.cli("block", "--drain")
+        session.stdin.write("go\n")
+        session.stdin.flush()
+        out, _ = session.communicate(timeout=15)
+        assert out.split("\n")[:2] == ["two", "new: refused"], out
+    finally:
+        for proc in (session, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_block_shows_the_manual_page_lines(host: Host) -> None:
     """After `block`, `iptables -L` prints the chain exactly as the original manual page shows it."""
     host.cli("block")
