@@ -48,6 +48,14 @@ def _to_rule_mode(mode: health.Mode) -> RuleMode:
     return RuleMode(mode.value)
 
 
+def _outranks(new: Trigger, cur: Trigger) -> bool:
+    """True when ``new`` should replace the pending ``cur``: stronger evidence, or as strong
+    and earlier."""
+    if new.evidence is not cur.evidence:
+        return new.evidence is Evidence.DEATH
+    return new.monotonic_ns < cur.monotonic_ns
+
+
 _ACTION = {RuleMode.OPEN: "firewall-unblock", RuleMode.BLOCK: "firewall-block",
            RuleMode.DRAIN: "firewall-drain"}
 
@@ -88,6 +96,10 @@ class Daemon:
         # One handle per purpose, replaced (never accumulated) each time it is re-armed.
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._retry_s = 0.0
+        # Set by the timers that fire them, consumed by the next round: whatever trigger that
+        # round was coalesced into, it still repairs (safety net) and retries a failed apply.
+        self._repair_due = False
+        self._retry_due = False
         self._ready = False
         self._stopping = False
         self._last_fail_reason = ""
@@ -96,21 +108,19 @@ class Daemon:
     # ------------------------------------------------------------------ event intake
 
     def emit(self, trig: Trigger) -> None:
-        """Ask for a probe. Coalesced: while one is pending, keep the earliest event's time and
-        the strongest evidence; never a queue."""
+        """Ask for a probe. Coalesced, never a queue: while one is pending, the pending trigger
+        is the strongest (a proof of death over a hint), the earliest among equals, so a
+        transition names the event that proved it and its latency runs from that event."""
         cur = self._pending
-        if cur is None:
+        if cur is None or _outranks(trig, cur):
             self._pending = trig
-        else:
-            evidence = Evidence.DEATH if Evidence.DEATH in (cur.evidence, trig.evidence) else cur.evidence
-            first = cur if cur.monotonic_ns <= trig.monotonic_ns else trig
-            self._pending = dataclasses.replace(first, evidence=evidence)
         self._wake.set()
 
     def _emit_admin(self, trig: Trigger) -> None:
         self.emit(dataclasses.replace(trig, source=Source.ADMIN))
 
     def _tick(self) -> None:
+        self._repair_due = True
         self.emit(Trigger(Source.TIMER, "safety-net", self._clock()))
         assert self._loop is not None
         self._arm("tick", self.cfg.probe.interval_s, self._tick)
@@ -152,9 +162,12 @@ class Daemon:
             self._arm("watchdog", wd, self._watchdog, wd)
 
     def _stop_sources(self) -> None:
-        for t in self._timers.values():
-            t.cancel()
-        self._timers = {}
+        """Stop what the config defines (tick, watchdog, PID file and listener watches). A
+        pending rise or apply retry is kept: a reload must not lose a decision under way."""
+        for name in ("tick", "watchdog"):
+            t = self._timers.pop(name, None)
+            if t is not None:
+                t.cancel()
         for s in self._sources:
             with contextlib.suppress(Exception):
                 s.close()
@@ -168,11 +181,13 @@ class Daemon:
     # ------------------------------------------------------------------ decisions
 
     async def _probe_and_step(self, trig: Trigger) -> None:
+        repair, self._repair_due = self._repair_due, False
+        retry, self._retry_due = self._retry_due, False
         prober = Prober(self.cfg.service, self.cfg.probe, own_pid=os.getpid(), listening=listening)
         admin = self._state.admin()
         block = None if admin is None else health.AdminBlock(admin.drain, admin.reason)
-        if block != self._health.admin:
-            await self._step(health.AdminChange(block), trig)
+        if block != self._health.admin and await self._step(health.AdminChange(block), trig):
+            retry = False  # the admin change applied the mode the health now calls for
         result = await prober.probe()
         self._track(result)
         if not result.ok:
@@ -184,10 +199,15 @@ class Daemon:
             self._last_fail_reason = ""
         outcome = health.ProbeOutcome(result.ok, result.check, result.reason,
                                       trig.evidence if not result.ok else Evidence.HINT)
-        await self._step(outcome, trig, result)
-        # Repair: whatever the decision, make sure the kernel still holds what we applied
-        # (someone may have emptied the chain, removed the jump, added duplicates).
-        if trig.source is Source.TIMER or self._retry_s:
+        applied = await self._step(outcome, trig, result)
+        mode = health.desired_mode(self._health)
+        if retry and not applied and self._applied is None and mode is not None:
+            # The retry of a failed apply runs here, in the worker like every change, with the
+            # mode the health calls for now (not the one that failed): never a stale decision.
+            await self._apply(_to_rule_mode(mode), "retry after failure", trig)
+        elif repair:
+            # Repair: whatever the decision, make sure the kernel still holds what we applied
+            # (someone may have emptied the chain, removed the jump, added duplicates).
             await self._ensure_current(trig)
 
     def _track(self, result: ProbeResult) -> None:
@@ -207,7 +227,9 @@ class Daemon:
             self._proc.watch_pid(pid)
 
     async def _step(self, inp: health.ProbeOutcome | health.AdminChange, trig: Trigger,
-                    result: ProbeResult | None = None) -> None:
+                    result: ProbeResult | None = None) -> bool:
+        """Feed ``inp`` to the state machine and carry out its actions; True if it applied."""
+        applied = False
         now = self._clock()
         nxt, actions = health.step(self._health, inp, now, self._params)
         self._health = nxt
@@ -224,11 +246,13 @@ class Daemon:
                 self._arm("rise", delay, self.emit, Trigger(Source.TIMER, "rise", act.after_ns))
             elif isinstance(act, health.SetFirewall):
                 await self._apply(_to_rule_mode(act.mode), act.reason, trig, result)
+                applied = True
         if isinstance(inp, health.AdminChange):
             kind = "admin-block" if inp.block is not None else "admin-unblock"
             self.log.info(kind, trigger=str(trig.source),
                           reason=inp.block.reason if inp.block else "")
         self._publish()
+        return applied
 
     async def _apply(self, mode: RuleMode, reason: str, trig: Trigger,
                      result: ProbeResult | None = None) -> None:
@@ -276,16 +300,11 @@ class Daemon:
         self.log.error("apply-failed", reason=str(exc), mode=str(mode), retry_in_s=self._retry_s)
         # Forget what we think is applied so the retry applies the health-derived mode again.
         self._applied = None
-        assert self._loop is not None
         self._arm("retry", self._retry_s, self._retry_apply)
 
     def _retry_apply(self) -> None:
-        mode = health.desired_mode(self._health)
-        if mode is None:
-            return
-        assert self._loop is not None
-        trig = Trigger(Source.TIMER, "apply-retry", self._clock())
-        self._loop.create_task(self._apply(_to_rule_mode(mode), "retry after failure", trig))
+        self._retry_due = True
+        self.emit(Trigger(Source.TIMER, "apply-retry", self._clock()))
 
     def _publish(self) -> None:
         info = {"pid": os.getpid(), "health": self._health.state.value,
@@ -382,6 +401,9 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
         self._stop_sources()
+        for t in self._timers.values():
+            t.cancel()
+        self._timers = {}
         self._stop_process_sources()
         await loop.run_in_executor(self._exec, self._on_exit)
         await loop.run_in_executor(self._exec, self._fw.close)

@@ -57,6 +57,27 @@ def test_lock_held_by_another_program_delays_the_block_until_released(
     bed.agent.check_clean()
 
 
+def test_sighup_while_a_block_waits_for_its_retry_keeps_the_retry(
+        netns: Netns, tmp_path: Path) -> None:
+    """A reload between a failed block and its retry does not lose the retry: once the lock is
+    free the chain blocks, although no probe result changes any more."""
+    bed = _legacy_bed(netns, tmp_path, "restore")
+    bed.start_agent()
+    bed.wait_both("open")
+    mark = bed.agent.mark()
+    with hold_lock(tmp_path / "xtables.lock"):
+        bed.svc.ctl("kill-core")
+        bed.agent.wait_event("apply-failed", 10.0, after=mark)
+        reload_mark = bed.agent.mark()
+        bed.agent.signal(signal.SIGHUP)
+        bed.agent.wait_event("config-reload", 5.0, after=reload_mark)
+    ev = bed.agent.wait_event("firewall-block", 10.0, after=mark)
+    bed.wait_both("blocked")
+    assert ev["event.reason"] == "retry after failure", ev
+    assert bed.alive()
+    bed.agent.check_clean()
+
+
 def test_sigterm_while_a_swap_waits_for_the_lock_exits_with_a_valid_chain(
         netns: Netns, tmp_path: Path) -> None:
     """SIGTERM during a swap stuck on the lock: the daemon exits 0 in bounded time, chain valid."""
