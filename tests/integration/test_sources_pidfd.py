@@ -61,9 +61,10 @@ def test_track_before_attach_and_unreaped_zombie() -> None:
     async def main() -> None:
         got: list[Trigger] = []
         watch = ProcessWatch(got.append, Log())
-        proc = subprocess.Popen(["true"])
+        proc = subprocess.Popen(["sleep", "60"])
         try:
             assert watch.track(proc.pid)
+            proc.kill()
             os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
             watch.attach(asyncio.get_running_loop())
             assert (await _first(got)).data == {"pid": proc.pid}
@@ -80,6 +81,19 @@ def test_gone_process_returns_false() -> None:
     watch = ProcessWatch(lambda t: None, Log())
     assert watch.track(proc.pid) is False
     assert watch.tracked is None
+
+
+def test_exited_unreaped_process_returns_false() -> None:
+    """track() of a zombie (exited, its parent has not waited) returns False and tracks nothing,
+    so the daemon does not re-track it, and hear of its death, on every probe."""
+    proc = subprocess.Popen(["true"])
+    try:
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        watch = ProcessWatch(lambda t: None, Log())
+        assert watch.track(proc.pid) is False
+        assert watch.tracked is None
+    finally:
+        proc.wait()
 
 
 def test_replacing_the_pid_forgets_the_old_one() -> None:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import select
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,13 @@ from typing import Any
 from watcher.events import Evidence, Source, Trigger
 
 __all__ = ["ProcessWatch"]
+
+
+def _readable(fd: int) -> bool:
+    """True when a pidfd already reports its process's exit."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class ProcessWatch:
@@ -47,7 +55,8 @@ class ProcessWatch:
             loop.add_reader(self._fd, self._on_readable)
 
     def track(self, pid: int | None) -> bool:
-        """Replace the tracked PID; True when ``tracked`` is now ``pid``, False if it is gone.
+        """Replace the tracked PID; True when ``tracked`` is now ``pid``, False if it is gone
+        (no such process, or one that has exited and awaits its parent's wait).
 
         ``None`` stops tracking. A process that exits right after this call is still
         reported: its pidfd becomes readable and the DEATH trigger follows.
@@ -66,6 +75,11 @@ class ProcessWatch:
                 self._log.warning("pidfd-open-failed", pid=pid, reason=os.strerror(exc.errno))
                 return False
             raise
+        if _readable(fd):
+            # Exited already (a zombie its parent has not reaped): as gone as a missing PID.
+            # Tracking it would report its death again on every call, a loop of probes.
+            os.close(fd)
+            return False
         self._fd, self._pid = fd, pid
         if self._loop is not None:
             self._loop.add_reader(fd, self._on_readable)
