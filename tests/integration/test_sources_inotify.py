@@ -135,3 +135,49 @@ def test_moved_directory_recovers(tmp_path: Path) -> None:
         assert _details(got) == ["directory gone", "directory appeared"]
 
     _run(pid_file, body)
+
+
+_NO_INSTANCE = """
+import asyncio, json, os, resource, sys
+from pathlib import Path
+from watcher.sources.inotify import PidFileWatch
+lines = []
+class Log:
+    def __getattr__(self, level):
+        return lambda event, **kw: lines.append([level, event, kw])
+async def main():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    held = []
+    try:
+        while True:  # use up every descriptor: inotify_init then fails with EMFILE
+            held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        watch = PidFileWatch(Path(sys.argv[1]), lambda t: None, Log())
+        watch.attach(asyncio.get_running_loop())
+        watch.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+asyncio.run(main())
+print(json.dumps(lines))
+"""
+
+
+def test_no_inotify_instance_is_one_error_line_not_a_crash(tmp_path: Path) -> None:
+    """When the kernel gives no inotify instance (descriptors used up), attach() logs one
+    pidfile-watch-failed naming inotify and returns, so the daemon runs on its other sources."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.netns import REPO
+
+    proc = subprocess.run([sys.executable, "-c", _NO_INSTANCE, str(tmp_path / "svc.pid")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    lines = json.loads(proc.stdout)
+    assert [(lvl, ev) for lvl, ev, _ in lines] == [("error", "pidfile-watch-failed")], lines
+    assert "inotify unavailable" in lines[0][2]["reason"]

@@ -66,7 +66,14 @@ class PidFileWatch:
         """Create the inotify instance, arm the watch and start reading on ``loop``."""
         if self._wm is not None:
             return
-        self._wm = pyinotify.WatchManager()
+        try:
+            self._wm = pyinotify.WatchManager()
+        except OSError as exc:
+            # No inotify instance to be had (fs.inotify.max_user_instances reached): the pidfd,
+            # sock_diag and the safety-net timer still work; say so once and do without.
+            self._log.error("pidfile-watch-failed", path=str(self.pid_file.parent),
+                            reason=f"inotify unavailable: {exc}")
+            return
         self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._on_event)
         self._loop = loop
         loop.add_reader(self._wm.get_fd(), self._on_readable)
