@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the chain's state in each family, the admin block and the daemon's state."""
     cfg = _load(args)
     require_net_admin()
-    fw = build_firewall(cfg)
+    fw = build_firewall(cfg, _cli_logger(cfg))  # a skipped IPv6 is said, not silently left out
     states = fw.read()
     sd = StateDir(cfg.state.dir)
     admin = sd.admin()
@@ -144,10 +144,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_block(args: argparse.Namespace) -> int:
     """Record an admin block (it survives restarts) and apply it now."""
     cfg, log, fw = _firewall_command(args)
-    fw.families  # noqa: B018 - detect IPv6 before recording anything
-    rec = StateDir(cfg.state.dir).set_admin(args.drain, args.reason)
     mode = Mode.DRAIN if args.drain else Mode.BLOCK
+    # The kernel first, the record after: a block that iptables refused (exit 75) leaves no
+    # record behind, so the state directory never claims what the firewall does not hold.
     report = fw.ensure(mode)
+    rec = StateDir(cfg.state.dir).set_admin(args.drain, args.reason)
     log.info("admin-block", reason=rec.reason, drain=rec.drain, trigger="admin",
              families=[str(f) for f in fw.families], transactions=report.transactions)
     what = "new connections to" if args.drain else "connections to"
@@ -160,14 +161,17 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     """Lift the admin block; with no daemon running, open the chain too."""
     cfg, log, fw = _firewall_command(args)
     sd = StateDir(cfg.state.dir)
-    had = sd.clear_admin()
     daemon = sd.daemon()
+    if daemon is None:
+        # No daemon to hand the chain to: open it, and only then drop the record (an open
+        # that iptables refused keeps the block recorded, as the kernel still holds it).
+        fw.ensure(Mode.OPEN)
+    had = sd.clear_admin()
     log.info("admin-unblock", trigger="admin", had_block=had, daemon_running=daemon is not None)
     if daemon is not None:
         print(f"admin block lifted; the daemon (pid {daemon.get('pid')}) now sets the chain "
               "from the service's health")
         return EX_OK
-    fw.ensure(Mode.OPEN)
     print(f"unblocked: port {cfg.service.port} accepts connections (chain {cfg.firewall.chain} empty)")
     return EX_OK
 

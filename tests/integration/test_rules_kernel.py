@@ -282,8 +282,18 @@ def test_lock_held_by_another_program_fails_cleanly(host: Host, tmp_path: Path) 
     assert res.returncode == 75, res.stderr
     assert re.search(r"lock", res.stderr)
     assert host.save() == before
+    assert not (tmp_path / "state" / "admin-block.json").exists()  # nothing recorded either
     host.cli("block")  # and once the lock is free it works
     assert "-A INPUT -j sslvpn-heartbeat-chain" in host.save()
+    assert (tmp_path / "state" / "admin-block.json").exists()
+    fd = os.open(tmp_path / "xtables.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = host.cli("unblock", check=False)
+    finally:
+        os.close(fd)
+    assert res.returncode == 75, res.stderr
+    assert (tmp_path / "state" / "admin-block.json").exists()  # still blocked, still recorded
 
 
 def test_iptc_refuses_on_nf_tables(netns: Netns, tmp_path: Path) -> None:
