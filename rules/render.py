@@ -7,6 +7,7 @@ Nothing here runs a command. ``parse_save`` reads ``iptables-save -t filter`` ou
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from rules.errors import RulesError
@@ -58,6 +59,12 @@ class SaveParseError(RulesError):
     """iptables-save printed something this parser does not understand."""
 
 
+def _targets(rule: str, chain: str) -> bool:
+    """True when the rule jumps (-j) or goes (-g) to ``chain`` itself, not to a longer name."""
+    words = rule.split()
+    return any(a in ("-j", "-g") and b == chain for a, b in itertools.pairwise(words))
+
+
 def parse_save(text: str, chain: str) -> TableState:
     """Extract our chain's state from ``iptables-save -t filter`` output.
 
@@ -104,7 +111,7 @@ def parse_save(text: str, chain: str) -> TableState:
                 continue
         if owner == chain:
             rules.append(rest)
-        elif rest.endswith(our_jump) or f"{our_jump} " in rest or f"-g {chain}" in rest:
+        elif _targets(rest, chain):
             refs += 1
     if not seen_filter:
         raise SaveParseError("no *filter table in iptables-save output")

@@ -126,6 +126,19 @@ def test_remove_refuses_when_a_foreign_rule_references_the_chain() -> None:
         plan_remove(SPEC, Family.V4, parse_save(saved, SPEC.name))
 
 
+@pytest.mark.parametrize(("rule", "refs"), [
+    ("-A other -p tcp -j sslvpn-heartbeat-chain", 1),
+    ("-A other -g sslvpn-heartbeat-chain", 1),
+    ("-A other -g sslvpn-heartbeat-chain2", 0),
+    ("-A other -j sslvpn-heartbeat-chain-old", 0),
+    ("-A other -m comment --comment sslvpn-heartbeat-chain -j ACCEPT", 0),
+])
+def test_references_count_only_jumps_and_gotos_to_our_chain(rule: str, refs: int) -> None:
+    """A rule counts as a reference only when its -j or -g names our chain, not a longer name."""
+    saved = SAVED_BLOCKED.replace("-A other -j ACCEPT", rule)
+    assert parse_save(saved, SPEC.name).references == refs
+
+
 def test_parse_save_without_filter_table_is_an_error() -> None:
     """Output with no *filter block is not read as 'chain absent'."""
     with pytest.raises(RulesError):
