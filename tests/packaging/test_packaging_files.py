@@ -55,7 +55,7 @@ def test_man_page_names_every_key_and_subcommand() -> None:
     for sub in ("run", "check", "status", "block", "unblock", "cleanup", "config-check",
                 "--drain", "--reason", "--json", "--log-format", "--config"):
         assert sub in man, f"{sub} not in the man page"
-    for code in ("0", "1", "2", "69", "78"):
+    for code in ("0", "1", "2", "69", "75", "78"):
         assert re.search(rf"^\.B {code}$", man, re.M), f"exit code {code} not in the man page"
 
 
