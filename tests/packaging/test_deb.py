@@ -138,6 +138,29 @@ def test_installed_files_and_modes(installed: Installed) -> None:
     assert str(DEFAULTS) in conffiles
 
 
+def test_installed_logrotate_rotates_as_the_agent(installed: Installed, tmp_path: Path) -> None:
+    """The installed logrotate entry rotates the agent's *.log as its user: the new file is the
+    agent's (0640), so it can reopen it, and the old one keeps every line."""
+    events = LOGS / "events-logrotate-test.log"
+    line = '{"event.action": "probe-failed"}\n'
+    try:
+        events.write_text(line)
+        os.chown(events, pwd.getpwnam(AGENT).pw_uid, grp.getgrnam(AGENT).gr_gid)
+        os.chmod(events, 0o640)
+        proc = run(["logrotate", "-v", "-f", "-s", str(tmp_path / "state"),
+                    "/etc/logrotate.d/sslvpn-heartbeat"])
+        assert proc.returncode == 0, proc.stderr
+        pw = pwd.getpwnam(AGENT)
+        assert f"switching euid from 0 to {pw.pw_uid}" in proc.stderr + proc.stdout
+        assert owner(events) == (AGENT, AGENT, 0o640)
+        rotated = LOGS / (events.name + ".1")
+        assert rotated.read_text() == line  # delaycompress: the first rotation stays plain
+        assert owner(rotated)[0] == AGENT
+    finally:
+        for f in LOGS.glob(events.name + "*"):
+            f.unlink()
+
+
 def test_agent_user_is_a_system_account(installed: Installed) -> None:
     """postinst made a system user with its own group, no login shell, home the state dir."""
     user = pwd.getpwnam(AGENT)
