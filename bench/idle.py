@@ -8,7 +8,9 @@ fake service; all run side by side through one window. Measured from /proc:
 * CPU: utime + stime of the process and of the children it reaped (cutime + cstime: the polling
   loop's ``cat``/``sleep``, monit's checks, the agent's iptables-save on each safety-net tick),
   over the window, as ms of CPU per minute and as a percentage of one CPU;
-* memory: VmRSS (and VmHWM, the peak) of the protector process at the end;
+* memory: VmRSS (and VmHWM, the peak) of the protector process at the end, and apart the RSS
+  of its live descendants then (the agent's two iptables-restore started ahead of need, the
+  polling loop's ``sleep``): RSS counts shared pages in each process, so the sum overstates;
 * wakeups: voluntary + involuntary context switches summed over the process's threads;
 * then, if strace is installed, a second window under ``strace -f -c``: syscall counts, to show
   what wakes each one (the agent's epoll_wait returns should match one per safety-net tick).
@@ -51,6 +53,7 @@ class Sample:
     hwm_kb: int
     ctxt: int
     threads: int
+    children_rss_kb: int  # live descendants (the agent's pre-started iptables-restore, sleep)
 
 
 def _status_fields(path: Path) -> dict[str, str]:
@@ -74,7 +77,26 @@ def sample(pid: int) -> Sample:
     def kb(key: str) -> int:
         return int(st.get(key, "0 kB").split()[0])
 
-    return Sample(time.monotonic(), ticks, kb("VmRSS"), kb("VmHWM"), ctxt, len(tasks))
+    return Sample(time.monotonic(), ticks, kb("VmRSS"), kb("VmHWM"), ctxt, len(tasks),
+                  sum(_rss_kb(c) for c in _descendants(pid)))
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live descendants of ``pid`` (from /proc/PID/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = [int(c) for c in (task / "children").read_text().split()]
+                found += kids
+                todo += kids
+    return found
+
+
+def _rss_kb(pid: int) -> int:
+    return int(_status_fields(Path(f"/proc/{pid}/status")).get("VmRSS", "0 kB").split()[0])
 
 
 def parse_strace_summary(text: str) -> dict[str, int]:
@@ -202,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu_ms_per_min": round(cpu_s * 1000 * 60 / secs, 1),
             "cpu_percent": round(100 * cpu_s / secs, 3),
             "rss_mb": round(e.rss_kb / 1024, 1), "hwm_mb": round(e.hwm_kb / 1024, 1),
+            "children_rss_mb": round(e.children_rss_kb / 1024, 1),
             "threads": e.threads,
             "wakeups_per_min": round((e.ctxt - b.ctxt) * 60 / secs, 1),
             "wake_episodes_per_min": round(len(episodes[name]) * 60 / secs, 1),
@@ -212,12 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# bench.idle: {a.seconds:g} s window, kernel {os.uname().release}, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), CLK_TCK {CLK_TCK}; "
           f"agent interval_s={agent.interval_s}")
-    print("\n| protector | CPU ms/min | CPU % | RSS MB (peak) | threads | "
+    print("\n| protector | CPU ms/min | CPU % | RSS MB (peak) | + live children MB | threads | "
           "context switches/min | wake episodes/min (median gap s) |"
-          "\n|---|---|---|---|---|---|---|")
+          "\n|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['cpu_ms_per_min']} | {r['cpu_percent']} | {r['rss_mb']} "
-              f"({r['hwm_mb']}) | {r['threads']} | {r['wakeups_per_min']} | "
+              f"({r['hwm_mb']}) | {r['children_rss_mb']} | {r['threads']} | {r['wakeups_per_min']} | "
               f"{r['wake_episodes_per_min']} ({r['median_gap_s']}) |")
     print(f"\n(a wake episode: consecutive {a.resolution_ms:g} ms samples in which the "
           f"process's context switch count moved)")

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +52,7 @@ class Soak:
     rss_kib: dict[str, int] = field(default_factory=dict)
     rss_series: list[tuple[int, int]] = field(default_factory=list)  # (failovers, KiB)
     fds: dict[str, int] = field(default_factory=dict)
+    fd_kinds: dict[str, dict[str, int]] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
     transactions: int = 0
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -85,9 +88,22 @@ def _pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _fd_kinds(pid: int) -> Counter[str]:
+    """What the open descriptors are: socket, pipe, anon_inode:[eventpoll], a path..."""
+    kinds: Counter[str] = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kinds[re.sub(r":\[\d+\]$", "", target)] += 1
+    return kinds
+
+
 def _sample(soak: Soak, pid: int, label: str) -> None:
     soak.rss_kib[label] = _rss_kib(pid)
     soak.fds[label] = _fds(pid)
+    soak.fd_kinds[label] = dict(_fd_kinds(pid))
 
 
 class Core:
@@ -192,6 +208,12 @@ def _run(agent: Agent, core: Core, ns: Netns, soak: Soak, seconds: float,
         agent.stop()
 
 
+def _fd_growth(start: dict[str, int], end: dict[str, int]) -> str:
+    grown = {k: end.get(k, 0) - start.get(k, 0) for k in set(start) | set(end)}
+    parts = [f"{k} {v:+d}" for k, v in sorted(grown.items()) if v]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def report(s: Soak) -> str:
     """The figures as text."""
     blocks = s.events.get("firewall-block", 0)
@@ -200,7 +222,8 @@ def report(s: Soak) -> str:
     lines = [
         f"{s.failovers} failovers in {s.seconds} s ({s.failovers / max(s.seconds, 1e-9):.1f}/s)",
         f"agent RSS KiB: start {s.rss_kib.get('start')} -> end {s.rss_kib.get('end')}; "
-        f"open fds: start {s.fds.get('start')} -> end {s.fds.get('end')}",
+        f"open fds: start {s.fds.get('start')} -> end {s.fds.get('end')}"
+        + _fd_growth(s.fd_kinds.get("start", {}), s.fd_kinds.get("end", {})),
         f"firewall-block {blocks}, firewall-unblock {unblocks}, "
         f"firewall-repair {s.events.get('firewall-repair', 0)}, "
         f"apply-failed {s.events.get('apply-failed', 0)}, internal-error "
