@@ -16,7 +16,7 @@ import pytest
 
 from tests.agent import CHAIN, child_env
 from tests.faults.bed import Bed, Sampler, ipt
-from tests.netns import Netns
+from tests.netns import Netns, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -29,25 +29,47 @@ def _kill_and_restart(bed: Bed) -> None:
     bed.start_agent()
 
 
-@pytest.mark.parametrize("state", ["down", "admin-block"])
+@pytest.mark.parametrize("state", ["down", "admin-block", "admin-drain", "down-rising"])
 def test_killed_while_blocking_restarts_with_no_open_window(
         netns: Netns, tmp_path: Path, state: str) -> None:
-    """SIGKILL while DOWN or admin-blocked: across kill + restart the REJECT never lapses."""
-    bed = Bed(netns, tmp_path)
+    """SIGKILL while DOWN, admin-blocked, draining, or DOWN with the service back but its rise
+    not yet complete: across kill + restart the REJECT never lapses, and the restarted daemon
+    holds the same block (or, for the risen service, opens only through its first probe)."""
+    # down-rising: a rise long enough that the kill lands inside it
+    bed = Bed(netns, tmp_path, probe={"rise": 3, "rise_interval_ms": 2000}) \
+        if state == "down-rising" else Bed(netns, tmp_path)
     bed.start_agent()
     mark = bed.agent.mark()
-    if state == "down":
+    if state.startswith("down"):
         bed.svc.ctl("kill-core")
     else:
         netns.run([sys.executable, "-m", "watcher", "block", "--reason", "maintenance",
+                   *(["--drain"] if state == "admin-drain" else []),
                    "--config", str(bed.cfg)], env=child_env())
-    bed.agent.wait_event("firewall-block", 3.0, after=mark)
-    bed.wait_both("blocked")
+    want = "drained" if state == "admin-drain" else "blocked"
+    bed.agent.wait_event("firewall-drain" if want == "drained" else "firewall-block", 3.0,
+                         after=mark)
+    bed.wait_both(want)
+    if state == "down-rising":
+        rising = bed.agent.mark()
+        bed.svc.ctl("start")
+        wait_for(lambda: bed.svc.get().ok, 5.0, "the service answering again")
+        assert not bed.agent.find("service-up", rising)
+        assert bed.both("blocked")  # 1 of 3 passes at most, 2 s apart: still DOWN
     with Sampler(netns) as sampler:
         _kill_and_restart(bed)
         sampler.wait_more()
     ready = bed.agent.events()
-    assert bed.both("blocked"), (bed.view(4), bed.view(6))  # one jump again, both families
+    if state == "down-rising":
+        # The new daemon starts from STARTING: its first probe finds the service healthy and
+        # opens the chain at once (a healthy service needs no rise from STARTING).
+        (first,) = bed.agent.find("service-initial-up")
+        assert first["trigger"] == "startup", first
+        bed.wait_both("open")
+        assert ready and bed.alive()
+        bed.agent.check_clean()
+        return
+    assert bed.both(want), (bed.view(4), bed.view(6))  # one jump again, both families
     lapses = sampler.lapses()
     print(f"\n{state}: {len(sampler.samples)} samples across kill + restart, {len(lapses)} open")
     assert not lapses, lapses[:3]
