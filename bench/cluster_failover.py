@@ -2,6 +2,7 @@
 
     python -m bench.cluster_failover [--failovers 10] [--servers 2] [--rate 200]
                                      [--protectors none,agent,polling,monit] [--json FILE]
+                                     [--http-mode server-close|keep-alive]
 
 Root only. One cluster (tests.testbed.cluster: HAProxy round robin with retries and redispatch,
 no health checks of its own) per protector; ``none`` runs no protector at all, as the contrast.
@@ -10,6 +11,10 @@ request) and, while it runs: SIGKILL server 1's core (``ctl kill-core``), keep i
 ``--down-s``, start it (``ctl start``), keep it up for ``--up-s``. Every answer that is not a
 2xx (a 503 from the dead server, a timeout, a reset) counts as bad. Prints a table; never passes
 or fails.
+
+``--http-mode keep-alive`` makes HAProxy reuse idle server connections (the gateway's
+persistent connections); the protector ``agent-reset`` is the agent with
+``firewall.reject_with = "tcp-reset"``, to compare how each reject reaches a reused connection.
 
 The servers keep the kernel's default ICMP rate limits (unlike bench.failover, whose client
 hammers one address on purpose): this is the realistic case for a gateway.
@@ -34,9 +39,11 @@ from tests.netns import wait_for
 from tests.testbed.cluster import Cluster, Server
 from tests.testbed.load import read_records
 
-__all__ = ["PEERS", "main", "run_protector"]
+__all__ = ["PEERS", "VARIANTS", "main", "run_protector"]
 
 PEERS = ("none", "agent", "polling", "monit")
+# Not in the default run: the agent answering with TCP resets (firewall.reject_with).
+VARIANTS = ("agent-reset",)
 
 
 def _back_in_rotation(c: Cluster, srv: Server, protected: bool) -> bool:
@@ -45,20 +52,25 @@ def _back_in_rotation(c: Cluster, srv: Server, protected: bool) -> bool:
 
 
 def run_protector(name: str, failovers: int, *, servers: int, rate: float, down_s: float,
-                  up_s: float, lead_s: float, workdir: Path,
+                  up_s: float, lead_s: float, workdir: Path, http_mode: str = "server-close",
                   progress: bool = False) -> dict[str, Any]:
-    """Run ``failovers`` kill/start cycles of server 1 under load; per-failover answer counts."""
-    agent = AgentSettings()
+    """Run ``failovers`` kill/start cycles of server 1 under load; per-failover answer counts.
+
+    ``http_mode`` is HAProxy's server side: ``server-close`` (a new connection per request) or
+    ``keep-alive`` (idle server connections reused, the gateway's persistent connections).
+    """
+    agent = AgentSettings(reject_with="tcp-reset") if name == "agent-reset" else AgentSettings()
 
     def argv(srv: Server) -> list[str] | None:
         if name == "none":
             return None
-        return protector_argv(name, srv.pid_file, srv.state_dir / name, port=srv.port,
+        kind = "agent" if name.startswith("agent") else name
+        return protector_argv(kind, srv.pid_file, srv.state_dir / name, port=srv.port,
                               agent=agent)
 
     per: list[dict[str, Any]] = []
     with Cluster(servers, agents=name != "none", agent_argv_factory=argv, agent_config=None,
-                 workdir=workdir) as c:
+                 workdir=workdir, http_mode=http_mode) as c:
         s1 = c.server(1)
         for i in range(failovers):
             wait_for(lambda: _back_in_rotation(c, s1, name != "none"), 15,
@@ -101,7 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--down-s", type=float, default=2.0)
     ap.add_argument("--up-s", type=float, default=2.0)
     ap.add_argument("--lead-s", type=float, default=0.5, help="load before the kill")
-    ap.add_argument("--protectors", default=",".join(PEERS))
+    ap.add_argument("--protectors", default=",".join(PEERS),
+                    help=f"from {', '.join(PEERS + VARIANTS)}")
+    ap.add_argument("--http-mode", choices=("server-close", "keep-alive"), default="server-close",
+                    help="HAProxy's server side: a connection per request, or reused ones")
     ap.add_argument("--json", type=Path)
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
@@ -110,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     names = [n.strip() for n in a.protectors.split(",") if n.strip()]
     for n in names:
-        if n not in PEERS:
+        if n not in PEERS + VARIANTS:
             ap.error(f"unknown protector {n!r}")
     if "monit" in names and shutil.which("monit") is None:
         print("bench.cluster_failover: monit is not installed; skipping it", file=sys.stderr)
@@ -121,9 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix=f"svh-cbench-{name}-") as tmp:
             results[name] = run_protector(name, a.failovers, servers=a.servers, rate=a.rate,
                                           down_s=a.down_s, up_s=a.up_s, lead_s=a.lead_s,
-                                          workdir=Path(tmp), progress=a.verbose)
+                                          workdir=Path(tmp), http_mode=a.http_mode,
+                                          progress=a.verbose)
     print(f"# bench.cluster_failover: {a.failovers} failovers of server 1 of {a.servers}, "
-          f"{a.rate:g} req/s, down {a.down_s:g} s, up {a.up_s:g} s; kernel {os.uname().release}, "
+          f"{a.rate:g} req/s, down {a.down_s:g} s, up {a.up_s:g} s, HAProxy {a.http_mode}; "
+          f"kernel {os.uname().release}, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")
     print("\n| protector | requests | bad per failover: mean | max | total bad | kinds | "
           "worst p99 of good answers, ms |\n|---|---|---|---|---|---|---|")

@@ -86,6 +86,7 @@ class AgentSettings:
     interval_s: float = 5.0
     timeout_ms: int = 1000
     http_path: str = "/"
+    reject_with: str = "icmp-port-unreachable"
 
     def recovery_target_ms(self) -> float:
         """The recovery p50 target of the brief: rise x rise_interval + 20 ms."""
@@ -114,7 +115,7 @@ def protector_argv(name: str, pid_file: Path, workdir: Path, *, port: int = PORT
             "probe": {"rise": agent.rise, "rise_interval_ms": agent.rise_interval_ms,
                       "fall": agent.fall, "interval_s": agent.interval_s,
                       "timeout_ms": agent.timeout_ms, "http_path": agent.http_path},
-            "firewall": {"chain": CHAIN},
+            "firewall": {"chain": CHAIN, "reject_with": agent.reject_with},
             "log": {"format": "json"},
             "state": {"dir": str(workdir / "agent-state")},
         })
