@@ -19,7 +19,17 @@ import pytest
 
 from tests.netns import REPO, Netns
 from watcher.events import Evidence, Source, Trigger
-from watcher.sources.sock_diag import Listener, ListenerWatch, dump_listeners, listening
+from watcher.sources._netlink import open_netlink
+from watcher.sources.sock_diag import (
+    NETLINK_SOCK_DIAG,
+    SKNLGRP_INET6_TCP_DESTROY,
+    SKNLGRP_INET_TCP_DESTROY,
+    Listener,
+    ListenerWatch,
+    decode_sock_diag,
+    dump_listeners,
+    listening,
+)
 
 PORT = 8080
 OTHER = 8081
@@ -131,9 +141,21 @@ async def _scenario_overrun() -> dict[str, Any]:
 
     watch = ListenerWatch(PORT, got.append, Log(), rcvbuf=1)  # the kernel's minimum
     watch.attach(asyncio.get_running_loop())
+    # The kernel sends destroys from a workqueue, after close() returns. A second subscriber
+    # with a large buffer, read here without yielding to the loop, tells when all of them were
+    # sent: by then the watch's small buffer has overflowed, as nothing read it meanwhile.
+    barrier = open_netlink(NETLINK_SOCK_DIAG, sock_type=socket.SOCK_RAW,
+                           groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY))
+    barrier.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    barrier.setblocking(True)
+    barrier.settimeout(5)
     try:
-        for _ in range(200):  # every TCP socket of the namespace is reported when it dies
+        sockets = 200
+        for _ in range(sockets):  # every TCP socket of the namespace is reported when it dies
             socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        seen = 0
+        while seen < sockets:
+            seen += len(decode_sock_diag(barrier.recv(65536)))
         deadline = time.monotonic() + 5
         while not any(t.detail == "overrun" for t in got) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -143,6 +165,7 @@ async def _scenario_overrun() -> dict[str, Any]:
             await asyncio.sleep(0.01)
     finally:
         watch.close()
+        barrier.close()
     overruns = [t for t in got if t.detail == "overrun"]
     return {"overruns": len(overruns),
             "evidence": [t.evidence for t in overruns],
