@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "PORT",
     "Agent",
     "ChainView",
+    "Sampler",
     "Service",
     "agent_config",
     "chain_view",
@@ -287,3 +289,44 @@ class Agent:
         """Every line of the run is a JSON object and stderr holds no traceback."""
         self.events()
         assert "Traceback" not in self.stderr(), self.stderr()
+
+
+_SAMPLE_CAP = 2000  # a sampler never runs unbounded
+
+
+class Sampler:
+    """Reads our IPv4 chain from the kernel in a loop (bounded) on a thread, while a fault runs."""
+
+    def __init__(self, ns: Netns) -> None:
+        self.ns = ns
+        self.samples: list[ChainView] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.samples) < _SAMPLE_CAP:
+            self.samples.append(chain_view(self.ns))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        wait_for(lambda: self.samples, 5.0, "a first firewall sample")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def wait_more(self, n: int = 3, timeout: float = 5.0) -> None:
+        """Wait until ``n`` more samples were taken (so the current state is in the record)."""
+        have = len(self.samples)
+        wait_for(lambda: len(self.samples) >= have + n or len(self.samples) >= _SAMPLE_CAP,
+                 timeout, f"{n} more firewall samples")
+        # A sampler that stopped at its cap has not watched until now: say so, rather than
+        # pass on a record that ends before the fault did.
+        assert len(self.samples) < _SAMPLE_CAP, "the sampler reached its cap before the end"
+
+    def lapses(self) -> list[ChainView]:
+        """Samples in which port 8080 was not rejected (no REJECT rule reached from INPUT)."""
+        return [s for s in self.samples
+                if not (s.jumps >= 1 and s.jump_first and len(s.rules) == 1
+                        and "-j REJECT" in s.rules[0])]

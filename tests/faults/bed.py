@@ -11,12 +11,20 @@ import contextlib
 import fcntl
 import os
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.agent import CHAIN, Agent, ChainView, Service, agent_config, chain_view, parse_chain
+from tests.agent import (
+    CHAIN,
+    Agent,
+    ChainView,
+    Sampler,
+    Service,
+    agent_config,
+    chain_view,
+    parse_chain,
+)
 from tests.netns import Netns, wait_for
 
 __all__ = [
@@ -32,7 +40,6 @@ __all__ = [
 ]
 
 EVENT_ONLY_INTERVAL_S = 30.0  # no safety-net tick can happen within a test
-_SAMPLE_CAP = 2000  # a sampler never runs unbounded
 
 
 def ipt(ns: Netns, *args: str, family: int = 4, env: dict[str, str] | None = None) -> None:
@@ -102,41 +109,6 @@ class Bed:
     def alive(self) -> bool:
         """True while the current run of the agent lives."""
         return self.agent.proc is not None and self.agent.proc.poll() is None
-
-
-class Sampler:
-    """Reads our IPv4 chain from the kernel in a loop (bounded) on a thread, while a fault runs."""
-
-    def __init__(self, ns: Netns) -> None:
-        self.ns = ns
-        self.samples: list[ChainView] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and len(self.samples) < _SAMPLE_CAP:
-            self.samples.append(chain_view(self.ns))
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        wait_for(lambda: self.samples, 5.0, "a first firewall sample")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    def wait_more(self, n: int = 3, timeout: float = 5.0) -> None:
-        """Wait until ``n`` more samples were taken (so the current state is in the record)."""
-        have = len(self.samples)
-        wait_for(lambda: len(self.samples) >= have + n or len(self.samples) >= _SAMPLE_CAP,
-                 timeout, f"{n} more firewall samples")
-
-    def lapses(self) -> list[ChainView]:
-        """Samples in which port 8080 was not rejected (no REJECT rule reached from INPUT)."""
-        return [s for s in self.samples
-                if not (s.jumps >= 1 and s.jump_first and len(s.rules) == 1
-                        and "-j REJECT" in s.rules[0])]
 
 
 @contextlib.contextmanager

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.agent import Agent, ChainView, Service, agent_config, chain_view, child_env
+from tests.agent import Agent, Sampler, Service, agent_config, chain_view, child_env
 from tests.netns import Netns, wait_for
 from watcher.statedir import StateDir
 
@@ -113,21 +112,12 @@ def test_block_drain_rejects_only_syn_and_the_daemon_keeps_it(bed: Bed) -> None:
     bed.agent.check_clean()
 
 
-def _sample(ns: Netns, stop: threading.Event, out: list[ChainView], limit: int = 400) -> None:
-    while not stop.is_set() and len(out) < limit:
-        out.append(chain_view(ns))
-
-
 def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: Bed) -> None:
     """Stop (on_exit=open) and start the agent while admin-blocked: never open, still blocked."""
     bed.agent.start().wait_ready()
     _until(bed.ns, "blocked", bed.cli("block", "--reason", "upgrade"))
     bed.agent.wait_event("admin-block", 2.0)
-    samples: list[ChainView] = []
-    stop = threading.Event()
-    sampler = threading.Thread(target=_sample, args=(bed.ns, stop, samples))
-    sampler.start()
-    try:
+    with Sampler(bed.ns) as sampler:
         assert bed.agent.stop() == 0
         stopped = bed.agent.find("firewall-keep")
         assert stopped, bed.agent.dump()
@@ -135,13 +125,10 @@ def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: B
         bed.agent.start()
         ready = bed.agent.wait_ready()
         assert ready["mode"] == "block", ready
-    finally:
-        stop.set()
-        sampler.join(10)
+        sampler.wait_more()  # samples taken after the restart, and none cut off by the cap
     assert bed.svc.get().ok  # the service is healthy, yet the block holds
-    assert samples, "no iptables-save sample taken during the restart"
-    not_blocked = [s for s in samples if not s.blocked]
-    print(f"\n{len(samples)} samples during the restart, {len(not_blocked)} not blocked")
+    not_blocked = [s for s in sampler.samples if not s.blocked]
+    print(f"\n{len(sampler.samples)} samples during the restart, {len(not_blocked)} not blocked")
     assert not not_blocked, not_blocked[:3]
     assert chain_view(bed.ns).blocked and chain_view(bed.ns, 6).blocked
     assert bed.agent.find("admin-block"), bed.agent.dump()

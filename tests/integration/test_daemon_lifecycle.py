@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agent import CHAIN, Agent, ChainView, Service, agent_config, chain_view
+from tests.agent import CHAIN, Agent, Sampler, Service, agent_config, chain_view
 from tests.netns import Netns, wait_for
 
 pytestmark = pytest.mark.netns
@@ -76,16 +75,7 @@ def test_restart_while_blocked_keeps_one_jump_and_the_block_with_no_open_window(
     """on_exit=keep, service down: across stop + start the REJECT never lapses; duplicates go."""
     bed = Bed(netns, tmp_path, firewall={"on_exit": "keep"})
     bed.run_blocked()
-    samples: list[ChainView] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set() and len(samples) < 400:
-            samples.append(chain_view(netns))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with Sampler(netns) as sampler:
         assert bed.agent.stop() == 0
         bed.agent.check_clean()
         # Someone adds a second jump while no agent runs: the next start must reconcile to one.
@@ -93,14 +83,10 @@ def test_restart_while_blocked_keeps_one_jump_and_the_block_with_no_open_window(
         assert chain_view(netns).jumps == 2
         bed.agent.start()
         ready = bed.agent.wait_ready()
-        wait_for(lambda: len(samples) >= 3, 5.0, "samples after the restart")
-    finally:
-        stop.set()
-        sampler.join(10)
+        sampler.wait_more()  # samples taken after the restart, and none cut off by the cap
     assert ready["mode"] == "block", ready
-    lapses = [s for s in samples
-              if not (s.jumps >= 1 and s.jump_first and len(s.rules) == 1 and "REJECT" in s.rules[0])]
-    print(f"\n{len(samples)} samples during the restart, {len(lapses)} without the block")
+    lapses = sampler.lapses()
+    print(f"\n{len(sampler.samples)} samples during the restart, {len(lapses)} without the block")
     assert not lapses, lapses[:3]
     assert chain_view(netns).blocked and chain_view(netns, 6).blocked  # one jump again
     bed.agent.check_clean()
