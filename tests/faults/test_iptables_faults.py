@@ -181,3 +181,5 @@ def test_ip6tables_failing_once_at_start_up_does_not_drop_ipv6_for_good(
     bed.svc.ctl("kill-core")
     bed.agent.wait_event("firewall-block", 3.0, after=mark)
     bed.wait_both("blocked", 3.0)
+    assert bed.alive()
+    bed.agent.check_clean()
