@@ -173,7 +173,7 @@ def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats
     return "\n".join(lines)
 
 
-def default_agent_config(server: Server) -> str:
+def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreachable") -> str:
     """The agent's TOML configuration for ``server`` (fast probe settings for tests)."""
     return "\n".join([
         "[service]",
@@ -188,6 +188,7 @@ def default_agent_config(server: Server) -> str:
         "",
         "[firewall]",
         f'chain = "{CHAIN}"',
+        f'reject_with = "{reject_with}"',
         "",
         "[log]",
         'format = "json"',
