@@ -10,12 +10,15 @@ fails.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ __all__ = [
     "agent_config",
     "chain_view",
     "child_env",
+    "hold_lock",
 ]
 
 CHAIN = "sslvpn-heartbeat-chain"
@@ -330,3 +334,14 @@ class Sampler:
         return [s for s in self.samples
                 if not (s.jumps >= 1 and s.jump_first and len(s.rules) == 1
                         and "-j REJECT" in s.rules[0])]
+
+
+@contextlib.contextmanager
+def hold_lock(path: Path) -> Iterator[None]:
+    """Hold the xtables lock at ``path`` (an flock, as iptables-legacy takes it) in this process."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

@@ -7,11 +7,8 @@ the namespace's own iptables-save (``tests.agent.chain_view``). Iptables command
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ from tests.agent import (
     Service,
     agent_config,
     chain_view,
+    hold_lock,
     parse_chain,
 )
 from tests.netns import Netns, wait_for
@@ -109,16 +107,5 @@ class Bed:
     def alive(self) -> bool:
         """True while the current run of the agent lives."""
         return self.agent.proc is not None and self.agent.proc.poll() is None
-
-
-@contextlib.contextmanager
-def hold_lock(path: Path) -> Iterator[None]:
-    """Hold the xtables lock at ``path`` (an flock, as iptables-legacy takes it) in this process."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
 
 

@@ -7,7 +7,6 @@ PATH whose iptables* are the -legacy programs, as on a host whose alternatives p
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent import hold_lock
 from tests.cfg import write_config
 from tests.netns import Netns, legacy_path_dir, veth_pair
 
@@ -273,12 +273,8 @@ def test_lock_held_by_another_program_fails_cleanly(host: Host, tmp_path: Path) 
     if host.flavour != "legacy":
         pytest.skip("iptables-nft takes no xtables lock")
     before = host.save()
-    fd = os.open(tmp_path / "xtables.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with hold_lock(tmp_path / "xtables.lock"):
         res = host.cli("block", check=False)
-    finally:
-        os.close(fd)
     assert res.returncode == 75, res.stderr
     assert re.search(r"lock", res.stderr)
     assert host.save() == before
@@ -286,12 +282,8 @@ def test_lock_held_by_another_program_fails_cleanly(host: Host, tmp_path: Path) 
     host.cli("block")  # and once the lock is free it works
     assert "-A INPUT -j sslvpn-heartbeat-chain" in host.save()
     assert (tmp_path / "state" / "admin-block.json").exists()
-    fd = os.open(tmp_path / "xtables.lock", os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with hold_lock(tmp_path / "xtables.lock"):
         res = host.cli("unblock", check=False)
-    finally:
-        os.close(fd)
     assert res.returncode == 75, res.stderr
     assert (tmp_path / "state" / "admin-block.json").exists()  # still blocked, still recorded
 
