@@ -81,8 +81,9 @@ def pack_message(typ: int, flags: int, seq: int, payload: bytes) -> bytes:
 
 
 def open_netlink(protocol: int, *, sock_type: int = socket.SOCK_DGRAM,
-                 groups: tuple[int, ...] = ()) -> socket.socket:
-    """A bound, non-blocking, close-on-exec netlink socket joined to the given multicast groups.
+                 groups: tuple[int, ...] = (), rcvbuf: int | None = None) -> socket.socket:
+    """A bound, non-blocking, close-on-exec netlink socket joined to the given multicast groups,
+    with an initial receive buffer of ``rcvbuf`` bytes when given.
 
     Raises OSError from the kernel as is (EPROTONOSUPPORT, EPERM, ...); the socket is closed
     on failure.
@@ -90,6 +91,8 @@ def open_netlink(protocol: int, *, sock_type: int = socket.SOCK_DGRAM,
     sock = socket.socket(socket.AF_NETLINK, sock_type | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                          protocol)
     try:
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.bind((0, 0))
         for group in groups:
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)

@@ -216,13 +216,11 @@ class ProcConnectorSource:
         if self._sock is not None:
             return
         try:
-            sock = open_netlink(NETLINK_CONNECTOR, groups=(CN_IDX_PROC,))
+            sock = open_netlink(NETLINK_CONNECTOR, groups=(CN_IDX_PROC,), rcvbuf=self._rcvbuf)
         except OSError as exc:
             self._unavailable(exc)
             return
         try:
-            if self._rcvbuf is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
             sock.send(subscribe_message(PROC_CN_MCAST_LISTEN, self._seq, self._nonce))
         except OSError as exc:
             sock.close()

@@ -198,14 +198,12 @@ class ListenerWatch:
             return
         try:
             sock = open_netlink(NETLINK_SOCK_DIAG, sock_type=socket.SOCK_RAW,
-                                groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY))
+                                groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY),
+                                rcvbuf=self._rcvbuf)
         except OSError as exc:
             self._log.warning("sock-diag-destroy-unavailable",
                               reason=os.strerror(exc.errno) if exc.errno else str(exc))
             return
-        if self._rcvbuf is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
         self._sock, self._loop, self.available = sock, loop, True
         loop.add_reader(sock.fileno(), self._on_readable)
 
