@@ -159,6 +159,8 @@ class Backend(Protocol):
     """
 
     name: str
+    parallel_safe: bool  # IPv4 and IPv6 may be applied from two threads at once
+    lock_wait_s: float  # the bound on waiting for the xtables lock when no deadline is given
 
     def flavour(self, family: Family) -> str:
         """The iptables flavour this backend writes for ``family``."""
@@ -168,10 +170,14 @@ class Backend(Protocol):
         """The kernel's current state of ``chain`` and its jumps."""
         ...
 
-    def apply(self, plan: Plan) -> None:
-        """Commit ``plan`` as one transaction."""
+    def apply(self, plan: Plan, *, wait_s: float) -> None:
+        """Commit ``plan`` as one transaction, within ``wait_s`` seconds (lock wait included)."""
         ...
 
     def plans_from_fresh_read(self, family: Family) -> bool:
         """True when a plan must come from a read made just before it (never from a cache)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend keeps (started programs, handles)."""
         ...

@@ -74,7 +74,7 @@ class IptcBackend:
                 f"{flavour}: its rules would not show in 'iptables -L'; use backend = \"restore\""
             )
         self._iptc = _load_iptc()
-        self._wait = lock_wait_s
+        self.lock_wait_s = lock_wait_s
 
     def flavour(self, family: Family) -> str:
         """Always ``legacy``."""
@@ -157,11 +157,12 @@ class IptcBackend:
         so built-in policies and counters are carried over from the kernel, not from the plan."""
         return False
 
-    def apply(self, plan: Plan) -> None:
-        """Change the table in memory and commit it once, under the xtables lock."""
+    def apply(self, plan: Plan, *, wait_s: float) -> None:
+        """Change the table in memory and commit it once, under the xtables lock (waited for
+        at most ``wait_s``, and never longer than ``lock_wait_s``)."""
         iptc = self._iptc
         try:
-            with xtables_lock(self._wait):
+            with xtables_lock(min(wait_s, self.lock_wait_s)):
                 table = self._table(plan.family)
                 # A table replacement zeroes the built-in chains' policy counters: carry them over
                 # from the snapshot this commit replaces.
@@ -195,3 +196,6 @@ class IptcBackend:
             if "Resource temporarily unavailable" in msg or str(errno.EAGAIN) in msg:
                 raise LockContention(f"libiptc commit: {msg}") from None
             raise TransactionFailed(f"libiptc commit failed: {msg}") from None
+
+    def close(self) -> None:
+        """Nothing to release: libiptc handles live only within one read or apply."""

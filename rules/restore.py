@@ -7,6 +7,8 @@ netlink batch; legacy: one replacement of the table blob under the xtables lock)
 
 from __future__ import annotations
 
+import math
+
 from rules.base import CommandResult, Runner, StartedCommand, SubprocessRunner, Tools, detect_tools
 from rules.errors import LockContention, TransactionFailed
 from rules.model import Family
@@ -27,7 +29,9 @@ class RestoreBackend:
     def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0, *,
                  prestart: bool = False) -> None:
         self._run: Runner = runner or SubprocessRunner()
-        self._wait = max(1, round(lock_wait_s))
+        self.lock_wait_s = lock_wait_s
+        # iptables takes whole seconds; the caller's deadline is kept by the kill timer instead
+        self._wait = max(1, math.ceil(lock_wait_s))
         self._tools: dict[Family, Tools] = {}
         # A long-running agent keeps one iptables-restore per family started and waiting for
         # its transaction, so a transition does not wait for a program to start. (It takes no
@@ -67,15 +71,21 @@ class RestoreBackend:
             argv.append("--counters")
         return argv
 
-    def apply(self, plan: Plan) -> None:
-        """Commit ``plan`` with ``iptables-restore --noflush --wait``: all of it or nothing."""
+    def apply(self, plan: Plan, *, wait_s: float) -> None:
+        """Commit ``plan`` with ``iptables-restore --noflush --wait``: all of it or nothing.
+
+        A restore still running after ``wait_s`` (waiting for the xtables lock) is killed; it
+        commits in one system call or not at all, so killing it changes nothing."""
         t = self.tools(plan.family)
         text = render_restore(plan, keep_policy_counters=t.flavour == "legacy")
         started = self._ready.pop(plan.family, None)
         if started is not None and started.alive:
-            res = started.finish(text, timeout=self._wait + 10)
+            res = started.finish(text, timeout=wait_s)
         else:
-            res = self._run(self._restore_argv(t), input=text, timeout=self._wait + 10)
+            res = self._run(self._restore_argv(t), input=text, timeout=wait_s)
+        if res.returncode < 0:
+            raise LockContention(f"{t.restore} --noflush: not done within {wait_s:.2g}s",
+                                 stderr=res.stderr, returncode=res.returncode)
         self._check(res, f"{t.restore} --noflush")
 
     def close(self) -> None:

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rules.errors import BackendUnavailable, LockContention, RulesError
+from rules.errors import LockContention, RulesError
 from rules.firewall import Firewall
-from rules.model import ChainSpec, Mode
-from rules.select import make_backend
+from rules.model import Mode
 from watcher import __version__
+from watcher.app import build_firewall
 from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
 from watcher.errors import (
     EX_CONFIG,
@@ -27,12 +27,12 @@ from watcher.errors import (
     EX_USAGE,
     AgentError,
     FacilityMissing,
+    exit_code_of,
 )
 from watcher.statedir import StateDir
 
-__all__ = ["EX_TEMPFAIL", "build_firewall", "main"]
+__all__ = ["main"]
 
-EX_TEMPFAIL = 75  # sysexits: the firewall change failed for a transient reason (lock, refusal)
 CAP_NET_ADMIN = 12
 
 
@@ -50,21 +50,6 @@ def require_net_admin() -> None:
     """Raise FacilityMissing (exit 69) unless this process has CAP_NET_ADMIN."""
     if not _has_cap_net_admin():
         raise FacilityMissing("CAP_NET_ADMIN is needed to change the firewall: run as root")
-
-
-def chain_spec(cfg: Config) -> ChainSpec:
-    """The chain the configuration describes."""
-    return ChainSpec(cfg.firewall.chain, cfg.service.port, cfg.firewall.reject_with)
-
-
-def build_firewall(cfg: Config, log: Any = None, *, prestart: bool = False) -> Firewall:
-    """The Firewall for ``cfg``, its backend chosen and checked (BackendUnavailable if not).
-
-    ``prestart``: the daemon's choice, an iptables-restore kept started ahead of each change.
-    """
-    backend = make_backend(cfg.firewall.backend, lock_wait_s=cfg.firewall.lock_wait_s,
-                           prestart=prestart)
-    return Firewall(backend, chain_spec(cfg), ipv6=cfg.firewall.ipv6, log=log)
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -85,7 +70,9 @@ def _firewall_command(args: argparse.Namespace) -> tuple[Config, Any, Firewall]:
     cfg = _load(args)
     require_net_admin()
     log = _cli_logger(cfg)
-    return cfg, log, build_firewall(cfg, log)
+    fw = build_firewall(cfg, log)
+    fw.detect_families()
+    return cfg, log, fw
 
 
 def _mode_of(state: Any) -> str:
@@ -96,7 +83,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print the chain's state in each family, the admin block and the daemon's state."""
     cfg = _load(args)
     require_net_admin()
-    fw = build_firewall(cfg, _cli_logger(cfg))  # a skipped IPv6 is said, not silently left out
+    fw = build_firewall(cfg, _cli_logger(cfg))
+    fw.detect_families()  # a skipped IPv6 is said, not silently left out
     states = fw.read()
     sd = StateDir(cfg.state.dir)
     admin = sd.admin()
@@ -219,12 +207,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground until SIGTERM."""
-    from watcher.daemon import run_daemon
+    from watcher import app
 
     cfg = _load(args)
     require_net_admin()
-    return run_daemon(cfg, config_path=args.config, config_given=args.config_given,
-                      log_format=args.log_format)
+    return app.run(cfg, config_path=args.config, config_given=args.config_given,
+                   log_format=args.log_format)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,18 +270,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_USAGE
     try:
         return int(args.func(args))
-    except AgentError as exc:
-        kind = "configuration error" if exc.exit_code == EX_CONFIG else "error"
-        print(f"sslvpn-heartbeat: {kind}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except BackendUnavailable as exc:
-        print(f"sslvpn-heartbeat: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
-    except LockContention as exc:
-        print(f"sslvpn-heartbeat: firewall busy: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
-    except RulesError as exc:
-        print(f"sslvpn-heartbeat: firewall change failed: {exc}", file=sys.stderr)
-        return EX_TEMPFAIL
+    except (AgentError, RulesError) as exc:
+        code = exit_code_of(exc)
+        print(f"sslvpn-heartbeat: {_what(exc, code)}{exc}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         return 130
+
+
+def _what(exc: BaseException, code: int) -> str:
+    """The words before an error's message: what kind of failure the operator is told of."""
+    if isinstance(exc, AgentError):
+        return "configuration error: " if code == EX_CONFIG else "error: "
+    if isinstance(exc, LockContention):
+        return "firewall busy: "
+    if code == EX_UNAVAILABLE:  # the message names what is missing
+        return ""
+    return "firewall change failed: "

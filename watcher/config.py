@@ -21,6 +21,7 @@ __all__ = [
     "ProbeConfig",
     "ServiceConfig",
     "StateConfig",
+    "for_reload",
     "load_config",
     "parse_config",
 ]
@@ -289,6 +290,12 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
         raise ConfigError(exc.key, f"{exc.problem} (in {path})") from None
 
 
-def replace(cfg: Config, **sections: Any) -> Config:
-    """A copy of ``cfg`` with whole sections replaced (for tests and reloads)."""
-    return dataclasses.replace(cfg, **sections)
+def for_reload(old: Config, new: Config) -> tuple[Config, str]:
+    """What a reload applies of ``new``: all of it but ``[firewall]`` and ``service.port``,
+    which take effect on restart only; the note says so when they differ ("" otherwise)."""
+    if (new.firewall, new.service.port) == (old.firewall, old.service.port):
+        return new, ""
+    kept = dataclasses.replace(new, firewall=old.firewall,
+                               service=dataclasses.replace(new.service, port=old.service.port))
+    return kept, ("firewall settings change on restart only; kept the running ones for "
+                  "[firewall] and service.port")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 __all__ = ["Evidence", "Source", "Trigger"]
 
@@ -46,4 +45,3 @@ class Trigger:
     detail: str
     monotonic_ns: int
     evidence: Evidence = Evidence.HINT
-    data: dict[str, Any] = field(default_factory=dict, compare=False)

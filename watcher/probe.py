@@ -45,7 +45,6 @@ from watcher.config import ProbeConfig, ServiceConfig
 from watcher.pidfile import PidFileError, read_pid_file
 
 __all__ = [
-    "CHECKS",
     "ProbeResult",
     "Prober",
     "ProcStat",
@@ -56,7 +55,6 @@ __all__ = [
     "start_realtime_ns",
 ]
 
-CHECKS = ("pid_file", "process", "process_name", "listen", "connect", "tls", "http")
 TASK_COMM_LEN = 15  # the kernel keeps at most 15 characters of a process name in comm
 MAX_STATUS_LINE = 1024
 _CLOSE_WAIT_S = 0.05
@@ -73,6 +71,7 @@ class ProbeResult:
     pid: int | None
     duration_ns: int
     checks: tuple[str, ...]
+    proves_death: bool = False  # the process the PID file names is gone (or a zombie)
 
 
 @dataclass(frozen=True)
@@ -155,10 +154,11 @@ class _Proc:
 class _Fail(Exception):
     """Internal: ``check`` failed for ``detail``; turned into a ProbeResult in probe()."""
 
-    def __init__(self, check: str, detail: str) -> None:
+    def __init__(self, check: str, detail: str, *, death: bool = False) -> None:
         super().__init__(f"{check}: {detail}")
         self.check = check
         self.detail = detail
+        self.death = death
 
 
 def _boottime_ns() -> int:
@@ -196,12 +196,13 @@ class Prober:
         """Run the checks in order within probe.timeout_ms; the verdict names the deciding check."""
         start = self._clock()
         run = _Run()
+        death = False
         try:
             async with asyncio.timeout(self.config.timeout_ms / 1000) as deadline:
                 try:
                     ok, reason = True, await self._run(run)
                 except _Fail as f:
-                    ok, reason = False, str(f)
+                    ok, reason, death = False, str(f), f.death
         except TimeoutError:
             if not deadline.expired():
                 raise
@@ -216,6 +217,7 @@ class Prober:
             pid=run.pid,
             duration_ns=self._clock() - start,
             checks=tuple(run.passed),
+            proves_death=death,
         )
 
     async def _run(self, run: _Run) -> str:
@@ -269,7 +271,7 @@ class Prober:
         try:
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
-            raise _Fail("process", f"PID {pid} is not running") from None
+            raise _Fail("process", f"PID {pid} is not running", death=True) from None
         except OSError as exc:
             raise _Fail("process", f"PID {pid}: pidfd_open: {exc.strerror}") from None
         try:
@@ -278,7 +280,7 @@ class Prober:
                 st = parse_proc_stat((base / "stat").read_bytes())
                 comm = (base / "comm").read_bytes().decode("utf-8", "replace").rstrip("\n")
             except FileNotFoundError:
-                raise _Fail("process", f"PID {pid} is not running") from None
+                raise _Fail("process", f"PID {pid} is not running", death=True) from None
             except (OSError, ValueError) as exc:
                 raise _Fail("process", f"PID {pid}: cannot read /proc: {exc}") from None
             try:
@@ -286,7 +288,8 @@ class Prober:
             except OSError:
                 exe = None  # kernel thread, exited, or not allowed: comm still decides
             if st.state in ("Z", "X"):
-                raise _Fail("process", f"PID {pid} is a zombie (exited, not yet reaped)")
+                raise _Fail("process", f"PID {pid} is a zombie (exited, not yet reaped)",
+                            death=True)
             started = start_realtime_ns(st.start_ticks, self._clk_tck, self._realtime(),
                                         self._boottime())
             late = started - mtime_ns
@@ -295,7 +298,7 @@ class Prober:
                             "the PID file was written: a stale PID reused by another process")
             # Readable pidfd: the process exited while we looked, so /proc may show another one.
             if select.select([pidfd], [], [], 0)[0]:
-                raise _Fail("process", f"PID {pid} exited during the probe")
+                raise _Fail("process", f"PID {pid} exited during the probe", death=True)
             return _Proc(comm=comm, exe=exe)
         finally:
             os.close(pidfd)

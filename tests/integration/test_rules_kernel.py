@@ -97,7 +97,7 @@ _HOT_SWAP = """
 import subprocess, sys
 from rules.firewall import Firewall
 from rules.model import ChainSpec, Mode
-from rules.select import make_backend
+from rules.backends import make_backend
 fw = Firewall(make_backend(sys.argv[1]), ChainSpec(), ipv6=False)
 fw.ensure(Mode.BLOCK)
 subprocess.run([sys.argv[2], "-P", "FORWARD", "DROP"], check=True)  # someone else, meanwhile

@@ -139,9 +139,8 @@ class PidFileWatch:
 
     # -- events -----------------------------------------------------------------------------
 
-    def _hint(self, detail: str, now: int, **data: Any) -> None:
-        self._emit(Trigger(Source.INOTIFY, detail, now, Evidence.HINT,
-                           {"path": str(self.pid_file), **data}))
+    def _hint(self, detail: str, now: int) -> None:
+        self._emit(Trigger(Source.INOTIFY, detail, now, Evidence.HINT))
 
     def _on_readable(self) -> None:
         notifier = self._notifier

@@ -105,4 +105,4 @@ class ProcessWatch:
         self._release()
         if pid is None:
             return
-        self._emit(Trigger(Source.PIDFD, f"exit pid {pid}", now, Evidence.DEATH, {"pid": pid}))
+        self._emit(Trigger(Source.PIDFD, f"exit pid {pid}", now, Evidence.DEATH))

@@ -274,8 +274,7 @@ class ProcConnectorSource:
     def _overrun(self, sock: socket.socket) -> None:
         size = grow_rcvbuf(sock)
         self._log.warning("proc-connector-overrun", rcvbuf=size)
-        self._emit(Trigger(Source.PROC_CONNECTOR, "overrun", self._clock(), Evidence.HINT,
-                           {"rcvbuf": size}))
+        self._emit(Trigger(Source.PROC_CONNECTOR, "overrun", self._clock(), Evidence.HINT))
 
     def _handle(self, event: ProcEvent, now: int) -> None:
         if self._on_event is not None:
@@ -290,12 +289,8 @@ class ProcConnectorSource:
         pid = self._pid
         if pid is None or event.tgid != pid:
             return
-        data = {"pid": pid, "kernel_ns": event.timestamp_ns}
         if kind is ProcEventKind.EXIT and event.pid == event.tgid:
             self._pid = None
-            data.update(exit_code=event.exit_code, exit_signal=event.exit_signal)
-            self._emit(Trigger(Source.PROC_CONNECTOR, f"exit pid {pid}", now, Evidence.DEATH,
-                               data))
+            self._emit(Trigger(Source.PROC_CONNECTOR, f"exit pid {pid}", now, Evidence.DEATH))
         elif kind is ProcEventKind.EXEC:
-            self._emit(Trigger(Source.PROC_CONNECTOR, f"exec pid {pid}", now, Evidence.HINT,
-                               data))
+            self._emit(Trigger(Source.PROC_CONNECTOR, f"exec pid {pid}", now, Evidence.HINT))

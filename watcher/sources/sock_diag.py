@@ -232,8 +232,7 @@ class ListenerWatch:
                     # of the namespace is reported here, so a busy server can fill the buffer.
                     size = grow_rcvbuf(sock)
                     self._log.warning("sock-diag-overrun", rcvbuf=size)
-                    self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT,
-                                       {"rcvbuf": size}))
+                    self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT))
                     continue
                 self._log.error("sock-diag-error", reason=os.strerror(exc.errno or 0))
                 self.close()
@@ -248,5 +247,4 @@ class ListenerWatch:
                 if event.is_listener_on(self.port):
                     self._emit(Trigger(
                         Source.SOCK_DIAG, f"listener destroyed {event.src} port {self.port}",
-                        now, Evidence.DEATH,
-                        {"family": event.family, "address": event.src, "port": self.port}))
+                        now, Evidence.DEATH))

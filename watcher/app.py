@@ -1,0 +1,96 @@
+"""The composition root: configuration -> logging -> instance lock -> firewall -> daemon.
+
+The one place that builds concrete parts and hands them in; nothing imports it but the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging as stdlib_logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rules.backends import make_backend
+from rules.firewall import Firewall
+from rules.model import ChainSpec
+from watcher.config import Config, load_config
+from watcher.errors import AlreadyRunning
+from watcher.logsetup import configure
+from watcher.notify import Notifier
+
+__all__ = ["LOCK_FILE", "build_firewall", "chain_spec", "instance_lock", "run"]
+
+LOCK_FILE = "agent.lock"
+
+
+def chain_spec(cfg: Config) -> ChainSpec:
+    """The chain the configuration describes."""
+    return ChainSpec(cfg.firewall.chain, cfg.service.port, cfg.firewall.reject_with)
+
+
+def build_firewall(cfg: Config, log: Any = None, *, prestart: bool = False) -> Firewall:
+    """The Firewall for ``cfg``, its backend chosen and checked (BackendUnavailable if not).
+
+    ``prestart``: the daemon's choice, an iptables-restore kept started ahead of each change.
+    Its families are not detected yet: call ``detect_families()``.
+    """
+    backend = make_backend(cfg.firewall.backend, lock_wait_s=cfg.firewall.lock_wait_s,
+                           prestart=prestart)
+    return Firewall(backend, chain_spec(cfg), ipv6=cfg.firewall.ipv6, log=log)
+
+
+@contextlib.contextmanager
+def instance_lock(state_dir: Path) -> Iterator[None]:
+    """Hold the state directory's lock for as long as the agent runs.
+
+    The state directory names the chain's owner: a second agent on it would fight the first
+    for the chain. Raises AlreadyRunning, naming the holder's PID, when another process has it.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise AlreadyRunning(f"another sslvpn-heartbeat agent (pid {holder}) is running "
+                                 f"with state directory {state_dir}; not started") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str | None) -> int:
+    """Build the daemon from ``cfg`` and run it until SIGTERM (the CLI's ``run``)."""
+    from watcher.daemon import Daemon
+
+    fmt = log_format or ("console" if sys.stdout.isatty() else None)
+    logging_ = configure(cfg.log, service_name=cfg.service.name, force_format=fmt)
+    logging_.install()
+    # pyinotify logs through a stderr handler of its own; send its records to the JSON sinks.
+    pyinotify_log = stdlib_logging.getLogger("pyinotify")
+    pyinotify_log.handlers.clear()
+    pyinotify_log.propagate = True
+    path = config_path if config_given or config_path.exists() else None
+    try:
+        with instance_lock(cfg.state.dir):
+            fw = build_firewall(cfg, logging_.logger(**{"service.name": cfg.service.name}),
+                                prestart=True)
+
+            async def main() -> int:
+                daemon = Daemon(cfg, firewall=fw, logging_=logging_, notifier=Notifier.from_env(),
+                                load=(lambda: load_config(path)) if path else (lambda: daemon.cfg),
+                                config_path=str(path or ""))
+                return await daemon.run()
+
+            return asyncio.run(main())
+    finally:
+        logging_.close()

@@ -1,0 +1,558 @@
+"""The control core: every decision of the agent, as one pure function.
+
+``step(state, input, now_ns) -> (state, actions)``: no I/O, no clock reads (``now_ns`` is the
+monotonic clock, passed in), no exceptions for ill health. The daemon feeds it every input
+(probe verdicts, the admin record it read, firewall results, timers, reload, stop) and carries
+out the actions it returns, in order. The core owns:
+
+* **health**: STARTING, UP, DOWN. The first probe decides at once (a failure blocks an unknown,
+  broken service). ``fall`` consecutive failures go DOWN; a failure that proves death (the
+  trigger was a kernel death event, or the probe itself saw the process gone) goes DOWN at once.
+  ``rise`` counted passes go UP, a pass counting only ``rise_interval`` after the previous
+  counted one (an earlier pass is neither counted nor a reset); any failure resets the count.
+* **the admin block**, which overrides health (BLOCK, or DRAIN when draining) and, when timed,
+  ends by itself: the core asks for the record to be read again when it expires.
+* **what the kernel holds**: ``applied`` changes only when a change succeeded; at most one change
+  is in flight; whenever none is and the kernel does not hold the wanted mode (or a repair is
+  due), the next change is issued. A failed change is retried with bounded backoff, always
+  with the mode wanted at that moment.
+* **READY**: only once the kernel holds the first decision.
+* **stop**: waits for the change in flight, applies ``on_exit`` (an admin block is kept), and
+  ends in exactly one ``Exit``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rules.model import Mode
+from watcher.config import Config
+from watcher.events import Evidence, Trigger
+
+__all__ = [
+    "Action",
+    "AdminBlock",
+    "AdminRead",
+    "Applied",
+    "ApplyFailed",
+    "Exit",
+    "Health",
+    "Input",
+    "Log",
+    "Notify",
+    "Params",
+    "ProbeAt",
+    "Probed",
+    "Publish",
+    "ReadAdminAt",
+    "Reloaded",
+    "RemoveChain",
+    "RetryAt",
+    "RetryDue",
+    "SetFirewall",
+    "State",
+    "Status",
+    "Stop",
+    "Tick",
+    "desired_mode",
+    "initial",
+    "step",
+]
+
+EX_OK = 0
+EX_TEMPFAIL = 75
+_S = 1_000_000_000
+
+
+class Health(enum.StrEnum):
+    """The service's health as the agent believes it."""
+
+    STARTING = "starting"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class Params:
+    """Thresholds and bounds of the core, in nanoseconds where they are times."""
+
+    rise: int = 2
+    fall: int = 2
+    rise_interval_ns: int = 250_000_000
+    on_exit: str = "open"  # open | keep | remove
+    attempt_ns: int = 6 * _S  # bound on one firewall change (lock wait plus the commands)
+    stop_grace_ns: int = 8 * _S  # SIGTERM to exit, whatever the xtables lock does
+    retry_min_ns: int = 100_000_000
+    retry_max_ns: int = 5 * _S
+
+    def __post_init__(self) -> None:
+        if self.rise < 1 or self.fall < 1 or self.rise_interval_ns < 0:
+            raise ValueError(f"invalid health parameters: {self!r}")
+        if self.on_exit not in ("open", "keep", "remove"):
+            raise ValueError(f"invalid on_exit: {self.on_exit!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Params:
+        """The parameters ``cfg`` configures ([probe] rise, fall, rise_interval_ms; [firewall])."""
+        return cls(rise=cfg.probe.rise, fall=cfg.probe.fall,
+                   rise_interval_ns=cfg.probe.rise_interval_ms * 1_000_000,
+                   on_exit=cfg.firewall.on_exit,
+                   attempt_ns=int((cfg.firewall.lock_wait_s + 1.0) * _S))
+
+
+@dataclass(frozen=True)
+class AdminBlock:
+    """An operator's block (``drain``: only new connections), its reason, its end (UNIX time)."""
+
+    drain: bool
+    reason: str
+    until: float | None = None
+
+
+@dataclass(frozen=True)
+class _Change:
+    """The firewall change in flight and what it is for."""
+
+    mode: Mode | None  # None: remove the chain
+    cause: Trigger | None  # the event that made it wanted (latency runs from it)
+    reason: str
+    probe_ns: int | None
+    repair: bool = False
+    final: bool = False  # the on_exit change: its result ends the process
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything the agent decides from. Build the first one with ``initial()``."""
+
+    params: Params = field(default_factory=Params)
+    health: Health = Health.STARTING
+    passes: int = 0
+    fails: int = 0
+    last_pass_ns: int | None = None
+    admin: AdminBlock | None = None
+    applied: Mode | None = None  # what the kernel holds, as far as a change succeeded
+    in_flight: _Change | None = None
+    failures: int = 0  # consecutive failed changes
+    retry_at_ns: int | None = None
+    repair_due: Trigger | None = None  # the safety-net tick that asked for a repair
+    cause: Trigger | None = None  # the event behind the wanted mode
+    why: str = ""  # the reason of the wanted mode
+    probe_ns: int | None = None  # how long the probe behind the wanted mode took
+    last_failure: str = ""  # the last probe failure's reason ("" after a pass)
+    ready: bool = False
+    stop_at_ns: int | None = None  # set by Stop
+    exited: bool = False
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+@dataclass(frozen=True)
+class Probed:
+    """A verification probe's verdict, for the round ``trigger`` started."""
+
+    trigger: Trigger
+    ok: bool
+    check: str
+    reason: str
+    proves_death: bool = False  # the probe itself saw the process gone
+    duration_ns: int = 0
+
+
+@dataclass(frozen=True)
+class AdminRead:
+    """The admin record as read now; ``expired``: a timed one had ended (and was removed)."""
+
+    trigger: Trigger
+    block: AdminBlock | None
+    expired: bool = False
+    expires_at_ns: int | None = None  # a timed block's end on the monotonic clock
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The change in flight succeeded: the kernel holds its mode (read back)."""
+
+    changed: tuple[str, ...]  # the families whose chain or jump changed
+    transactions: int
+    committed_ns: int | None  # when the rule took effect (the last family's commit)
+    duration_ns: int  # the whole change, read-back included
+
+
+@dataclass(frozen=True)
+class ApplyFailed:
+    """The change in flight failed and changed nothing; ``fatal``: the exit code if retrying
+    cannot help (the chain belongs to someone else, iptables is gone for good)."""
+
+    reason: str
+    fatal: int | None = None
+
+
+@dataclass(frozen=True)
+class RetryDue:
+    """The retry time a ``RetryAt`` asked for has come."""
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The safety-net timer: the kernel is checked to still hold our mode (a repair)."""
+
+    trigger: Trigger
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """SIGHUP: a new valid configuration (``note``: what of it waits for a restart), or a refused
+    one (``error``)."""
+
+    params: Params | None
+    path: str
+    note: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """SIGTERM or SIGINT."""
+
+    signame: str
+
+
+Input = Probed | AdminRead | Applied | ApplyFailed | RetryDue | Tick | Reloaded | Stop
+
+
+# ------------------------------------------------------------------------------------ actions
+
+@dataclass(frozen=True)
+class SetFirewall:
+    """Make the chain hold ``mode``, within ``deadline_ns``; answer with Applied or ApplyFailed.
+
+    ``fresh``: plan from a read made now (a repair), not from the last read-back."""
+
+    mode: Mode
+    fresh: bool
+    deadline_ns: int
+
+
+@dataclass(frozen=True)
+class RemoveChain:
+    """Delete the chain and its jump (``on_exit = "remove"``); answer like SetFirewall."""
+
+    deadline_ns: int
+
+
+@dataclass(frozen=True)
+class ProbeAt:
+    """Probe again at ``at_ns``, not earlier (a pass counts only then)."""
+
+    at_ns: int
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    """Feed ``RetryDue`` at ``at_ns``."""
+
+    at_ns: int
+
+
+@dataclass(frozen=True)
+class ReadAdminAt:
+    """Read the admin record again at ``at_ns`` (a timed block ends then)."""
+
+    at_ns: int
+
+
+@dataclass(frozen=True)
+class Log:
+    """Log ``event`` at ``level`` with ``fields``."""
+
+    level: str
+    event: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the agent believes now: for the status file, sd_notify STATUS, metrics, agent check."""
+
+    health: Health
+    mode: Mode | None
+    admin: AdminBlock | None
+    reason: str  # the last probe failure, "" when the last probe passed
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish ``status``."""
+
+    status: Status
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Tell the service manager: ``ready`` or ``stopping``."""
+
+    what: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    """End the process with ``code``."""
+
+    code: int
+
+
+Action = (SetFirewall | RemoveChain | ProbeAt | RetryAt | ReadAdminAt | Log | Publish | Notify
+          | Exit)
+
+
+# ------------------------------------------------------------------------------------ pure parts
+
+def initial(params: Params, admin: AdminBlock | None = None) -> State:
+    """The state at start-up: STARTING, nothing applied, the persisted admin block if any."""
+    return State(params=params, admin=admin)
+
+
+def desired_mode(s: State) -> Mode | None:
+    """The mode ``s`` calls for; None while STARTING without an admin block (leave as is)."""
+    if s.admin is not None:
+        return Mode.DRAIN if s.admin.drain else Mode.BLOCK
+    if s.health is Health.UP:
+        return Mode.OPEN
+    if s.health is Health.DOWN:
+        return Mode.BLOCK
+    return None
+
+
+def _status(s: State) -> Status:
+    return Status(s.health, s.applied, s.admin, s.last_failure)
+
+
+def _trig(t: Trigger | None) -> dict[str, Any]:
+    return {} if t is None else {"trigger": str(t.source), "detail": t.detail}
+
+
+def _on_pass(s: State, reason: str, now: int) -> tuple[State, str, int | None]:
+    """Next state after a pass, the reason of a transition ("" if none), when to probe again."""
+    p = s.params
+    if s.health is Health.STARTING:
+        return replace(s, health=Health.UP, passes=1, fails=0, last_pass_ns=now), reason, None
+    if s.health is Health.UP:
+        return replace(s, passes=s.passes + 1, fails=0, last_pass_ns=now), "", None
+    if s.passes > 0 and s.last_pass_ns is not None and now < s.last_pass_ns + p.rise_interval_ns:
+        return replace(s, fails=0), "", s.last_pass_ns + p.rise_interval_ns
+    passes = s.passes + 1
+    if passes >= p.rise:
+        return (replace(s, health=Health.UP, passes=passes, fails=0, last_pass_ns=now),
+                f"{passes} passes in a row: {reason}", None)
+    return replace(s, passes=passes, fails=0, last_pass_ns=now), "", now + p.rise_interval_ns
+
+
+def _on_fail(s: State, reason: str, death: bool) -> tuple[State, str]:
+    """Next state after a failure and the reason of a transition ("" if none)."""
+    fails = s.fails + 1
+    nxt = replace(s, passes=0, fails=fails, last_pass_ns=None)
+    if s.health is Health.STARTING:
+        return replace(nxt, health=Health.DOWN), reason
+    if s.health is Health.UP:
+        if death:
+            return replace(nxt, health=Health.DOWN), f"confirmed by kernel event: {reason}"
+        if fails >= s.params.fall:
+            return replace(nxt, health=Health.DOWN), f"{fails} failures in a row: {reason}"
+    return nxt, ""
+
+
+def _want(s: State, cause: Trigger | None, why: str, probe_ns: int | None) -> State:
+    """Remember why the wanted mode is what it is now, if it changed."""
+    return replace(s, cause=cause, why=why, probe_ns=probe_ns)
+
+
+def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
+    if not i.ok and i.reason != s.last_failure:
+        out.append(Log("info", "probe-failed", {"reason": i.reason, "check": i.check,
+                                                **_trig(i.trigger)}))
+    death = i.proves_death or i.trigger.evidence is Evidence.DEATH
+    before = desired_mode(s)
+    if i.ok:
+        nxt, reason, again = _on_pass(s, i.reason, now)
+        nxt = replace(nxt, last_failure="")
+    else:
+        (nxt, reason), again = _on_fail(s, i.reason, death), None
+        nxt = replace(nxt, last_failure=i.reason)
+    if nxt.health is not s.health:
+        name = "service-" + nxt.health.value
+        if s.health is Health.STARTING:
+            name = "service-initial-" + nxt.health.value
+        out.append(Log("info", name, {"reason": reason, **_trig(i.trigger),
+                                      "health.state": nxt.health.value}))
+    if desired_mode(nxt) is not before:
+        nxt = _want(nxt, i.trigger, reason or i.reason, i.duration_ns)
+    if again is not None:
+        out.append(ProbeAt(again))
+    return nxt
+
+
+def _admin(s: State, i: AdminRead, out: list[Action]) -> State:
+    if i.expires_at_ns is not None:
+        out.append(ReadAdminAt(i.expires_at_ns))
+    if i.block == s.admin:
+        return s
+    nxt = replace(s, admin=i.block)
+    if i.block is not None:
+        out.append(Log("info", "admin-block", {"reason": i.block.reason, "drain": i.block.drain,
+                                               **_trig(i.trigger)}))
+        why = f"admin: {i.block.reason}" if i.block.reason else "admin"
+    else:
+        reason = "expired" if i.expired else "lifted"
+        out.append(Log("info", "admin-unblock", {"reason": reason, **_trig(i.trigger)}))
+        why = f"admin block {reason}"
+    if desired_mode(nxt) is not desired_mode(s):
+        nxt = _want(nxt, i.trigger, why, None)
+    return nxt
+
+
+_ACTION = {Mode.OPEN: "firewall-unblock", Mode.BLOCK: "firewall-block", Mode.DRAIN: "firewall-drain"}
+
+
+def _applied(s: State, i: Applied, out: list[Action]) -> State:
+    c = s.in_flight
+    assert c is not None
+    nxt = replace(s, in_flight=None, applied=c.mode, failures=0, retry_at_ns=None)
+    if c.final:
+        return _exit(nxt, EX_OK, out)
+    assert c.mode is not None
+    if not c.repair:  # a new mode (or the first after start or a failure): a transition
+        fields: dict[str, Any] = {"reason": c.reason, **_trig(c.cause),
+                                  "transactions": i.transactions, "families": list(i.changed)}
+        if c.cause is not None:
+            latency = (i.committed_ns or 0) - c.cause.monotonic_ns
+            if i.committed_ns is not None and latency >= 0:
+                fields |= {"latency_ms": round(latency / 1e6, 3), "event.duration": latency}
+        if c.probe_ns is not None:
+            fields["probe_ms"] = round(c.probe_ns / 1e6, 3)
+        fields["apply_ms"] = round(i.duration_ns / 1e6, 3)
+        out.append(Log("info", _ACTION[c.mode], fields))
+    elif i.changed:
+        out.append(Log("warning", "firewall-repair", {
+            **_trig(c.cause), "mode": str(c.mode), "families": list(i.changed),
+            "reason": "chain or jump changed by someone else; restored"}))
+    if not nxt.ready:
+        nxt = replace(nxt, ready=True)
+        out.append(Notify("ready"))
+        out.append(Log("info", "agent-ready", {"mode": str(c.mode),
+                                               "health.state": nxt.health.value}))
+    return nxt
+
+
+def _failed(s: State, i: ApplyFailed, now: int, out: list[Action]) -> State:
+    c = s.in_flight
+    assert c is not None
+    what = "remove" if c.mode is None else str(c.mode)
+    # A failed change changed nothing, but what the kernel held before is no longer known for
+    # sure (someone may have changed it): the retry plans from a fresh read.
+    nxt = replace(s, in_flight=None, applied=None, failures=s.failures + 1)
+    if c.final:
+        out.append(Log("error", "apply-failed", {"reason": f"on_exit={s.params.on_exit}: "
+                                                 f"{i.reason}", "mode": what}))
+        return _exit(nxt, EX_TEMPFAIL, out)
+    if i.fatal is not None:
+        out.append(Log("error", "apply-failed", {"reason": i.reason, "mode": what, "fatal": True}))
+        return _exit(nxt, i.fatal, out)
+    p = s.params
+    delay = min(p.retry_max_ns, p.retry_min_ns << min(nxt.failures - 1, 40))
+    out.append(Log("error", "apply-failed", {"reason": i.reason, "mode": what,
+                                             "retry_in_s": round(delay / 1e9, 3)}))
+    if s.stop_at_ns is not None:
+        return nxt  # stopping: on_exit comes next, no retry
+    out.append(RetryAt(now + delay))
+    return replace(nxt, retry_at_ns=now + delay)
+
+
+def _exit(s: State, code: int, out: list[Action]) -> State:
+    out.append(Log("info", "agent-stop", {"on_exit": s.params.on_exit, "exit_code": code}))
+    out.append(Exit(code))
+    return replace(s, exited=True, in_flight=None)
+
+
+def _stop_sequence(s: State, now: int, out: list[Action]) -> State:
+    """The on_exit change once nothing is in flight, then the exit."""
+    assert s.stop_at_ns is not None
+    deadline = min(now + s.params.attempt_ns, s.stop_at_ns + s.params.stop_grace_ns)
+    how = s.params.on_exit
+    if how == "keep":
+        return _exit(s, EX_OK, out)
+    if how == "open" and s.admin is not None:
+        out.append(Log("info", "firewall-keep", {"reason": "admin block recorded: kept on exit"}))
+        return _exit(s, EX_OK, out)
+    if how == "remove":
+        out.append(RemoveChain(deadline))
+        return replace(s, in_flight=_Change(None, None, "on_exit", None, final=True))
+    out.append(SetFirewall(Mode.OPEN, fresh=True, deadline_ns=deadline))
+    return replace(s, in_flight=_Change(Mode.OPEN, None, "on_exit", None, final=True))
+
+
+def _reconcile(s: State, now: int, out: list[Action]) -> State:
+    """Issue the next firewall change when none is in flight and one is needed."""
+    if s.exited or s.in_flight is not None:
+        return s
+    if s.stop_at_ns is not None:
+        return _stop_sequence(s, now, out)
+    if s.retry_at_ns is not None:
+        return s  # backing off: RetryDue comes
+    want = desired_mode(s)
+    if want is None or (want is s.applied and s.repair_due is None):
+        return s
+    repair = want is s.applied
+    out.append(SetFirewall(want, fresh=repair or s.applied is None,
+                           deadline_ns=now + s.params.attempt_ns))
+    if repair:
+        change = _Change(want, s.repair_due, "repair", None, repair=True)
+    else:
+        why = f"retry after failure: {s.why}" if s.failures else s.why
+        change = _Change(want, s.cause, why, s.probe_ns)
+    return replace(s, in_flight=change, repair_due=None)
+
+
+def step(s: State, inp: Input, now_ns: int) -> tuple[State, tuple[Action, ...]]:
+    """The next state and the actions to carry out, in order, for ``inp`` at ``now_ns``."""
+    if s.exited:
+        return s, ()
+    out: list[Action] = []
+    before = _status(s)
+    match inp:
+        case Probed():
+            s = _probed(s, inp, now_ns, out)
+        case AdminRead():
+            s = _admin(s, inp, out)
+        case Applied():
+            s = _applied(s, inp, out)
+        case ApplyFailed():
+            s = _failed(s, inp, now_ns, out)
+        case RetryDue():
+            s = replace(s, retry_at_ns=None)
+        case Tick(trigger=trigger):
+            # Only what was applied can be repaired; a failed change is being retried anyway.
+            s = replace(s, repair_due=trigger if s.applied is not None else None)
+        case Reloaded(params=None):
+            out.append(Log("error", "config-invalid", {"reason": inp.error, "path": inp.path}))
+            if s.ready:
+                out.append(Notify("ready"))
+        case Reloaded(params=Params() as params):
+            if inp.note:
+                out.append(Log("warning", "config-reload", {"reason": inp.note}))
+            out.append(Log("info", "config-reload", {"path": inp.path}))
+            s = replace(s, params=params)
+            if s.ready:
+                out.append(Notify("ready"))
+        case Stop():
+            if s.stop_at_ns is None:
+                out.append(Notify("stopping"))
+                s = replace(s, stop_at_ns=now_ns)
+    s = _reconcile(s, now_ns, out)
+    if not s.exited and _status(s) != before:
+        out.append(Publish(_status(s)))
+    return s, tuple(out)
+
