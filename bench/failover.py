@@ -439,16 +439,14 @@ def _timed_agent(argv: Sequence[str]) -> int:
     from watcher.probe import Prober
 
     cur = _Timing()
-    orig_step = daemon.Daemon._probe_and_step
+    orig_round = daemon.Daemon._round
     orig_probe = Prober.probe
     orig_ensure = Firewall.ensure
 
-    async def probe_and_step(self: daemon.Daemon, trig: Any) -> None:
+    async def round_(self: daemon.Daemon, trig: Any) -> None:
         nonlocal cur
         cur = _Timing(str(trig.source), trig.monotonic_ns, time.monotonic_ns())
-        await orig_step(self, trig)
-        if cur.ensure and cur.probe is not None:
-            print(json.dumps({"bench.timing": asdict(cur)}), file=sys.stderr, flush=True)
+        await orig_round(self, trig)
 
     async def probe(self: Prober) -> Any:
         t = time.monotonic_ns()
@@ -456,23 +454,25 @@ def _timed_agent(argv: Sequence[str]) -> int:
         cur.probe = (t, time.monotonic_ns(), r.ok, r.check)
         return r
 
-    def ensure(self: Firewall, mode: Any, *, force: bool = False, fresh: bool = True) -> Any:
+    def ensure(self: Firewall, mode: Any, **kw: Any) -> Any:
         t = time.monotonic_ns()
-        rep = orig_ensure(self, mode, force=force, fresh=fresh)
-        if not fresh:  # the transition's hot path, not the safety-net's repair check
+        rep = orig_ensure(self, mode, **kw)
+        if not kw.get("fresh", True):  # the transition's hot path, not a repair
             cur.ensure.append((t, time.monotonic_ns(), str(mode)))
+            if cur.probe is not None:  # the round that asked for it has printed nothing yet
+                print(json.dumps({"bench.timing": asdict(cur)}), file=sys.stderr, flush=True)
         return rep
 
     def timed_apply(orig: Callable[..., None]) -> Callable[..., None]:
-        def apply(self: Any, plan: Any) -> None:
+        def apply(self: Any, plan: Any, **kw: Any) -> None:
             t = time.monotonic_ns()
-            orig(self, plan)
+            orig(self, plan, **kw)
             cur.commits.append((t, time.monotonic_ns(), str(plan.family)))
         return apply
 
     for backend in (RestoreBackend, IptcBackend):
         backend.apply = timed_apply(backend.apply)  # type: ignore[method-assign]  # bench hook
-    daemon.Daemon._probe_and_step = probe_and_step  # type: ignore[method-assign]  # bench hook
+    daemon.Daemon._round = round_  # type: ignore[method-assign]  # bench hook
     Prober.probe = probe  # type: ignore[method-assign]  # bench hook
     Firewall.ensure = ensure  # type: ignore[method-assign]  # bench hook
     return cli.main(list(argv))

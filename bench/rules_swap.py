@@ -88,9 +88,17 @@ class TimedBackend:
     applies: list[int] = field(default_factory=list)
     applied_at: int = 0  # perf_counter_ns when the last apply() returned
     name: str = field(init=False)
+    parallel_safe: bool = field(init=False)
+    lock_wait_s: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.inner.name
+        self.parallel_safe = self.inner.parallel_safe
+        self.lock_wait_s = self.inner.lock_wait_s
+
+    def close(self) -> None:
+        """The wrapped close."""
+        self.inner.close()
 
     def flavour(self, family: Family) -> str:
         """The wrapped backend's flavour."""
@@ -108,11 +116,11 @@ class TimedBackend:
         finally:
             self.reads.append(time.perf_counter_ns() - t)
 
-    def apply(self, plan: Plan) -> None:
+    def apply(self, plan: Plan, *, wait_s: float) -> None:
         """The wrapped apply, timed."""
         t = time.perf_counter_ns()
         try:
-            self.inner.apply(plan)
+            self.inner.apply(plan, wait_s=wait_s)
         finally:
             self.applied_at = time.perf_counter_ns()
             self.applies.append(self.applied_at - t)
@@ -146,6 +154,7 @@ def _swaps(rounds: int, one: Callable[[Mode], object],
 def _plans(backend: Backend) -> dict[Mode, Plan]:
     """The plans the engine computes for each swap once the chain and its jump exist."""
     fw = Firewall(backend, SPEC, ipv6=False)
+    fw.detect_families()
     fw.ensure(Mode.OPEN)
     plans = {}
     for mode, other in ((Mode.BLOCK, Mode.OPEN), (Mode.OPEN, Mode.BLOCK)):
@@ -193,6 +202,7 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: boo
     """
     timed = TimedBackend(backend)
     fw = Firewall(timed, SPEC, ipv6=False)
+    fw.detect_families()
     fw.ensure(Mode.OPEN)
 
     effect: list[int] = []
@@ -234,7 +244,7 @@ def apply_and_read_back(backend: Backend, reader: Backend, rounds: int, label: s
     want = {m: desired_state(SPEC, Family.V4, m) for m in plans}
 
     def one(mode: Mode) -> None:
-        backend.apply(plans[mode])
+        backend.apply(plans[mode], wait_s=5.0)
         got = reader.read(Family.V4, SPEC.name)
         if (got.rules, got.jumps) != (want[mode].rules, want[mode].jumps):
             raise SystemExit(f"{label}: read-back mismatch after {mode}: {got}")
@@ -246,7 +256,8 @@ def iptc_apply_only(rounds: int) -> Result:
     """IptcBackend.apply() of precomputed plans: one libiptc commit, no read, no read-back."""
     backend = IptcBackend()
     plans = _plans(backend)
-    return Result("iptc apply only", "legacy", stats(_swaps(rounds, lambda m: backend.apply(plans[m]))))
+    samples = _swaps(rounds, lambda m: backend.apply(plans[m], wait_s=5.0))
+    return Result("iptc apply only", "legacy", stats(samples))
 
 
 def inner(rounds: int, legacy_path: str) -> None:

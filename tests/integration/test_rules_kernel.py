@@ -99,6 +99,7 @@ from rules.firewall import Firewall
 from rules.model import ChainSpec, Mode
 from rules.backends import make_backend
 fw = Firewall(make_backend(sys.argv[1]), ChainSpec(), ipv6=False)
+fw.detect_families()
 fw.ensure(Mode.BLOCK)
 subprocess.run([sys.argv[2], "-P", "FORWARD", "DROP"], check=True)  # someone else, meanwhile
 fw.ensure(Mode.OPEN, fresh=False)  # the daemon's hot path: planned from the last read-back

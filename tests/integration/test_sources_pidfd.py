@@ -7,27 +7,14 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any
 
+from tests.sources import Log, until
 from watcher.events import Evidence, Source, Trigger
 from watcher.sources.pidfd import ProcessWatch
 
 
-class Log:
-    """A structlog-shaped recorder."""
-
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str, dict[str, Any]]] = []
-
-    def __getattr__(self, level: str) -> Any:
-        return lambda event, **kw: self.lines.append((level, event, kw))
-
-
 async def _first(got: list[Trigger], timeout: float = 5.0) -> Trigger:
-    deadline = time.monotonic() + timeout
-    while not got:
-        assert time.monotonic() < deadline, "no trigger before the deadline"
-        await asyncio.sleep(0.001)
+    await until(lambda: got, "a trigger", timeout)
     return got[0]
 
 
@@ -44,8 +31,8 @@ def test_exit_emits_death_with_pid() -> None:
             sent = time.monotonic_ns()
             proc.send_signal(signal.SIGKILL)
             trig = await _first(got)
-            assert (trig.source, trig.evidence, trig.data) == (
-                Source.PIDFD, Evidence.DEATH, {"pid": proc.pid})
+            assert (trig.source, trig.evidence, trig.detail) == (
+                Source.PIDFD, Evidence.DEATH, f"exit pid {proc.pid}")
             assert trig.monotonic_ns >= sent
             assert watch.tracked is None
         finally:
@@ -67,7 +54,7 @@ def test_track_before_attach_and_unreaped_zombie() -> None:
             proc.kill()
             os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
             watch.attach(asyncio.get_running_loop())
-            assert (await _first(got)).data == {"pid": proc.pid}
+            assert (await _first(got)).detail == f"exit pid {proc.pid}"
         finally:
             proc.wait()
             watch.close()
@@ -110,7 +97,7 @@ def test_replacing_the_pid_forgets_the_old_one() -> None:
             a.wait()
             b.kill()
             # a died first: had it still been watched, its trigger would be the first.
-            assert (await _first(got)).data == {"pid": b.pid}
+            assert (await _first(got)).detail == f"exit pid {b.pid}"
         finally:
             for p in (a, b):
                 p.kill()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.testbed.cluster import Reply, Server, default_agent_config, render_haproxy_cfg
+from watcher.config import parse_config
 
 
 def _cfg(mode: str = "server-close") -> list[str]:
@@ -48,9 +49,8 @@ def test_default_agent_config_names_the_servers_pid_file_and_port(tmp_path: Path
 
 def test_default_agent_config_is_accepted_by_the_agent(tmp_path: Path) -> None:
     """watcher.config accepts the testbed's agent config (no unknown key, no bad value)."""
-    config = pytest.importorskip("watcher.config")
     srv = Server(1, None, tmp_path / "server1", 8080, "0.0.0.0", "gw")  # type: ignore[arg-type]
-    cfg = config.parse_config(tomllib.loads(default_agent_config(srv)))
+    cfg = parse_config(tomllib.loads(default_agent_config(srv)))
     assert str(cfg.service.pid_file).endswith("novell-sslvpn.pid")
 
 

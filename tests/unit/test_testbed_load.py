@@ -68,9 +68,16 @@ class _Hello(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    # The load below has up to ~100 connections in flight: the default listen queue of 5
+    # overflows, and a dropped SYN is retried only after the client's whole timeout.
+    request_queue_size = 512
+
+
 @pytest.fixture
 def http_server() -> Iterator[int]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    """A loopback HTTP server whose listen queue the tests' load cannot overflow."""
+    srv = _Server(("127.0.0.1", 0), _Hello)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
