@@ -194,3 +194,30 @@ def test_core_killed_right_after_sighup_is_still_blocked_at_once(
         bed.svc.ctl("start")
         bed.agent.wait_event("firewall-unblock", 3.0, after=mark)
     bed.agent.check_clean()
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["open", "blocked"])
+def test_a_second_agent_on_the_same_state_directory_exits_75_and_changes_nothing(
+        netns: Netns, tmp_path: Path, blocked: bool) -> None:
+    """A second `run` with the same configuration: exit 75 at once, naming the running agent's
+    PID; the chain (both families) is byte for byte as the first agent keeps it, which runs on."""
+    bed = Bed(netns, tmp_path, firewall={"on_exit": "open"})
+    bed.agent.start().wait_ready()
+    if blocked:
+        mark = bed.agent.mark()
+        bed.svc.ctl("kill-core")
+        bed.agent.wait_event("firewall-block", 3.0, after=mark)
+    before = [netns.save(family) for family in (4, 6)]
+    second = Agent(netns, bed.cfg, tmp_path / "second")
+    (tmp_path / "second").mkdir()
+    t0 = time.monotonic()
+    rc = second.start().wait(10.0)
+    took = time.monotonic() - t0
+    print(f"\nsecond agent: exit {rc} after {took:.2f} s")
+    assert rc == 75, second.stderr()
+    assert f"pid {bed.agent.pid}" in second.stderr() and "Traceback" not in second.stderr()
+    assert not second.find("firewall-unblock") and not second.find("firewall-block")
+    assert [netns.save(family) for family in (4, 6)] == before
+    assert bed.agent.proc is not None and bed.agent.proc.poll() is None
+    assert json.loads((bed.state / "daemon.json").read_text())["pid"] == bed.agent.pid
+    bed.agent.check_clean()
