@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,14 +16,17 @@ from watcher.logsinks import FACILITIES, parse_syslog_address
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AgentCheckConfig",
     "Config",
     "FirewallConfig",
     "LogConfig",
+    "MetricsConfig",
     "ProbeConfig",
     "ServiceConfig",
     "StateConfig",
     "load_config",
     "parse_config",
+    "parse_listen",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sslvpn-heartbeat/config.toml")
@@ -84,6 +88,20 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics written for node_exporter's textfile collector."""
+
+    textfile: str = ""  # empty: no metrics file
+
+
+@dataclass(frozen=True)
+class AgentCheckConfig:
+    """HAProxy's agent check: the address the one-line answer is served on."""
+
+    listen: str = ""  # empty: no listener; else "ADDR:PORT" ("[ADDR]:PORT" for IPv6)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; defaults match the original product's manual page."""
 
@@ -92,6 +110,8 @@ class Config:
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     log: LogConfig = field(default_factory=LogConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    agent_check: AgentCheckConfig = field(default_factory=AgentCheckConfig)
 
 
 T = TypeVar("T")
@@ -186,6 +206,47 @@ def _syslog_address(key: str, v: Any) -> str:
     return v
 
 
+def parse_listen(v: str) -> tuple[str, int]:
+    """``"ADDR:PORT"`` or ``"[ADDR6]:PORT"`` as (address, port); ValueError says what is wrong."""
+    host, sep, port_s = v.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be ADDR:PORT (IPv6: [ADDR]:PORT), got {v!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"brackets are for IPv6 addresses only, got {v!r}")
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, [ADDR]:PORT, got {v!r}")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (no host names)") from None
+    if not (port_s.isascii() and port_s.isdigit()) or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"the port must be between 1 and 65535, got {port_s!r}")
+    return str(addr), int(port_s)
+
+
+def _listen(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    if v:
+        try:
+            parse_listen(v)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    return v
+
+
+def _textfile(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    if v:
+        _abs_path(key, v)
+        if not v.endswith(".prom"):
+            raise ConfigError(key, f"must end in .prom (node_exporter reads only *.prom), got {v!r}")
+    return v
+
+
 def _service_name_ok(s: str) -> bool:
     return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
@@ -239,6 +300,8 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
         },
     ),
     "state": (StateConfig, {"dir": _abs_path}),
+    "metrics": (MetricsConfig, {"textfile": _textfile}),
+    "agent_check": (AgentCheckConfig, {"listen": _listen}),
 }
 
 
