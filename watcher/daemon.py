@@ -24,11 +24,13 @@ from typing import Any
 from rules.errors import RulesError
 from rules.firewall import ApplyReport, Firewall
 from rules.model import Mode as RuleMode
-from watcher import health
-from watcher.config import Config, load_config
+from watcher import __version__, health
+from watcher.agentcheck import AgentCheck, Status
+from watcher.config import Config, load_config, parse_listen
 from watcher.errors import EX_OK, AgentError
 from watcher.events import Evidence, Source, Trigger
 from watcher.logsetup import Logging, configure
+from watcher.metrics import Metrics
 from watcher.notify import Notifier
 from watcher.probe import Prober, ProbeResult
 from watcher.sources.inotify import PidFileWatch
@@ -104,6 +106,8 @@ class Daemon:
         self._stopping = False
         self._last_fail_reason = ""
         self._known_dead: int | None = None
+        self._metrics: Metrics | None = None  # fleet: [metrics] textfile
+        self._agentcheck: AgentCheck | None = None  # fleet: [agent_check] listen
 
     # ------------------------------------------------------------------ event intake
 
@@ -121,6 +125,8 @@ class Daemon:
 
     def _tick(self) -> None:
         self._repair_due = True
+        if self._metrics is not None:  # fleet: the file's mtime says the agent is alive
+            self._metrics.tick()
         self.emit(Trigger(Source.TIMER, "safety-net", self._clock()))
         assert self._loop is not None
         self._arm("tick", self.cfg.probe.interval_s, self._tick)
@@ -191,6 +197,8 @@ class Daemon:
         result = await prober.probe()
         self._track(result)
         if not result.ok:
+            if self._metrics is not None:  # fleet
+                self._metrics.probe_failure(result.check)
             if result.reason != self._last_fail_reason:
                 self.log.info("probe-failed", reason=result.reason, check=result.check,
                               trigger=str(trig.source), detail=trig.detail)
@@ -240,6 +248,8 @@ class Daemon:
                     name = "service-initial-" + act.new.value.lower()
                 self.log.info(name, reason=act.reason, trigger=str(trig.source),
                               detail=trig.detail, **{"health.state": act.new.value})
+                if self._metrics is not None and act.old is not health.State.STARTING:  # fleet
+                    self._metrics.transition(act.new.value, time.time())
             elif isinstance(act, health.ProbeAgain):
                 assert self._loop is not None
                 delay = max(0.0, (act.after_ns - now) / 1e9)
@@ -272,6 +282,8 @@ class Daemon:
             # from the kernel event to the commit that made the rule take effect; the read-back
             # that follows the commit is included in apply_ms
             latency = (report.committed_ns or done) - trig.monotonic_ns
+            if self._metrics is not None and trig.source is not Source.STARTUP:  # fleet
+                self._metrics.failover(latency / 1e9)
             self.log.info(_ACTION[mode], reason=reason, trigger=str(trig.source), detail=trig.detail,
                           latency_ms=round(latency / 1e6, 3), **{"event.duration": latency},
                           transactions=report.transactions,
@@ -297,6 +309,8 @@ class Daemon:
 
     def _schedule_retry(self, exc: Exception, mode: RuleMode) -> None:
         self._retry_s = min(_RETRY_MAX_S, max(_RETRY_MIN_S, self._retry_s * 2))
+        if self._metrics is not None:  # fleet
+            self._metrics.apply_failure()
         self.log.error("apply-failed", reason=str(exc), mode=str(mode), retry_in_s=self._retry_s)
         # Forget what we think is applied so the retry applies the health-derived mode again.
         self._applied = None
@@ -315,6 +329,21 @@ class Daemon:
         except OSError as exc:
             self.log.warning("state-write-failed", reason=str(exc))
         self._notify.status(f"service {info['health']}, firewall {info['mode']}")
+        self._publish_fleet()
+
+    def _publish_fleet(self) -> None:
+        """fleet: hand the same snapshot to the metrics writer and the agent-check answer."""
+        admin = self._health.admin
+        mode = None if self._applied is None else str(self._applied)
+        if self._metrics is not None:
+            self._metrics.status(self._health.state.value, mode, admin is not None)
+            self._metrics.log_dropped(sum(s.dropped for s in self._logging.stats().values()))
+        if self._agentcheck is not None:
+            self._agentcheck.update(Status(
+                health=self._health.state.value, admin=admin is not None,
+                drain=admin is not None and admin.drain,
+                admin_reason="" if admin is None else admin.reason,
+                failure=self._last_fail_reason))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -388,6 +417,7 @@ class Daemon:
             self._state.ensure()
         self._start_process_sources(loop)
         self._start_sources(loop)
+        await self._start_fleet()
         worker = loop.create_task(self._worker())
         self.emit(Trigger(Source.STARTUP, "first probe", self._clock()))
         await self._stop.wait()
@@ -408,9 +438,50 @@ class Daemon:
         await loop.run_in_executor(self._exec, self._on_exit)
         await loop.run_in_executor(self._exec, self._fw.close)
         self._exec.shutdown(wait=True)
+        await self._stop_fleet()
         self._state.clear_daemon()
         self.log.info("agent-stop", on_exit=self.cfg.firewall.on_exit)
         return EX_OK
+
+    async def _start_fleet(self) -> None:
+        """fleet: the metrics writer thread and the agent-check listener, if configured. Neither
+        is needed to fail over: a failure is logged and the agent runs on without it."""
+        cfg = self.cfg
+        if cfg.metrics.textfile:
+            loop = self._loop
+            assert loop is not None
+
+            def report(reason: str) -> None:  # called on the writer thread
+                with contextlib.suppress(RuntimeError):  # the loop has closed
+                    loop.call_soon_threadsafe(self._metrics_report, reason)
+
+            self._metrics = Metrics(Path(cfg.metrics.textfile), __version__, report=report)
+        if cfg.agent_check.listen:
+            host, port = parse_listen(cfg.agent_check.listen)
+            self._agentcheck = AgentCheck(host, port)
+            try:
+                await self._agentcheck.start()
+            except OSError as exc:
+                self.log.error("agent-check-failed", reason=f"{cfg.agent_check.listen}: {exc}")
+                self._agentcheck = None
+            else:
+                self.log.info("agent-check-listen",
+                              **{"server.address": host, "server.port": port})
+        self._publish_fleet()
+
+    def _metrics_report(self, reason: str) -> None:
+        if reason:
+            self.log.warning("metrics-write-failed", reason=reason)
+        else:
+            self.log.info("metrics-write-recovered", **{"file.path": self.cfg.metrics.textfile})
+
+    async def _stop_fleet(self) -> None:
+        """fleet: the last metrics file says up 0; the agent-check listener closes."""
+        if self._agentcheck is not None:
+            await self._agentcheck.close()
+        if self._metrics is not None:
+            self._publish_fleet()
+            await asyncio.get_running_loop().run_in_executor(None, self._metrics.close)
 
     def _on_exit(self) -> None:
         how = self.cfg.firewall.on_exit

@@ -112,6 +112,11 @@ ACTIONS: Mapping[str, EventClass] = {
     "sock-diag-overrun": _ec("network", "info", "failure"),
     "sock-diag-error": _ec("network", "info", "failure"),
     "sock-diag-bad-message": _ec("network", "info", "failure"),
+    # Fleet integrations: the metrics file and HAProxy's agent check.
+    "metrics-write-failed": _ec("file", "change", "failure"),
+    "metrics-write-recovered": _ec("file", "change", "success"),
+    "agent-check-listen": _ec("network", "start", "success"),
+    "agent-check-failed": _ec("network", "start", "failure"),
 }
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
