@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from watcher.config import (
     MAX_CONFIG_BYTES,
+    AgentCheckConfig,
     Config,
     FirewallConfig,
     LogConfig,
-    AgentCheckConfig,
     MetricsConfig,
     ProbeConfig,
     ServiceConfig,
@@ -97,7 +97,7 @@ BAD: dict[str, list[Any]] = {
     "state.dir": ["", "var/lib/x", "/", "/a/..", 0],
     "metrics.textfile": ["a.prom", "/x/m.txt", "/x/m.prom\n", "/", 1, True],
     "agent_check.listen": ["127.0.0.1", ":5555", "localhost:5555", "::1:5555", "[10.0.0.1]:5",
-                           "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:+5", "127.0.0.1:٥",
+                           "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:+5", "127.0.0.1:\u0665",
                            "[::1]:", 5555, None],
 }
 

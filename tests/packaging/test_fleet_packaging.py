@@ -1,0 +1,121 @@
+"""The package and node_exporter: the metrics reach Debian's node_exporter with no step by hand.
+
+The fast checks read the packaging files and ask Debian's node_exporter binary for the directory
+it reads by default. The installed check runs the packaged agent through its init script as its
+own user, with the shipped [metrics] setting, and Debian's node_exporter as the prometheus user
+with its default textfile directory, and follows a failover in the scrape.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+import shutil
+import stat
+import subprocess
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.netns import REPO, wait_for
+from tests.packaging.debpkg import CLEAN_ENV, Installed, unit_settings
+from tests.packaging.test_deb import AGENT, Scene, make_scene
+
+PKG = REPO / "packaging"
+NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
+TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
+METRICS_FILE = TEXTFILE_DIR / "sslvpn-heartbeat.prom"
+LISTEN = "127.0.0.1:9100"
+
+
+def node_exporter_default_dir() -> str:
+    """The textfile directory Debian's node_exporter reads when not told otherwise."""
+    assert shutil.which(NODE_EXPORTER), "Debian's prometheus-node-exporter is missing"
+    out = subprocess.run([NODE_EXPORTER, "--help"], capture_output=True, text=True, timeout=30)
+    m = re.search(r'--collector\.textfile\.directory="([^"]+)"', out.stdout + out.stderr)
+    assert m, out.stdout + out.stderr
+    return m.group(1)
+
+
+def test_shipped_metrics_file_is_in_node_exporters_default_directory() -> None:
+    """The packaged config's textfile lies in the directory Debian's node_exporter reads."""
+    cfg = tomllib.loads((PKG / "config.toml").read_text())
+    path = Path(cfg["metrics"]["textfile"])
+    assert path == METRICS_FILE and str(path.parent) == node_exporter_default_dir()
+    assert path.suffix == ".prom"
+
+
+def test_unit_tmpfiles_and_trigger_grant_the_directory() -> None:
+    """The unit makes the directory writable, tmpfiles.d grants the user, a trigger re-grants."""
+    u = unit_settings(PKG / "sslvpn-heartbeat.service")
+    paths = [p for line in u["ReadWritePaths"] for p in line.split()]
+    assert f"-{TEXTFILE_DIR}" in paths
+    tmpfiles = (PKG / "sslvpn-heartbeat.tmpfiles").read_text()
+    assert re.search(rf"^a\+ {re.escape(str(TEXTFILE_DIR))} - - - - u:{AGENT}:rwx$", tmpfiles,
+                     re.M)
+    triggers = (REPO / "debian" / "sslvpn-heartbeat.triggers").read_text()
+    assert re.search(rf"^interest-noawait {re.escape(str(TEXTFILE_DIR))}$", triggers, re.M)
+    postinst = (REPO / "debian" / "sslvpn-heartbeat.postinst").read_text()
+    assert '"$1" = triggered' in postinst and "systemd-tmpfiles --create" in postinst
+    assert subprocess.run(["sh", "-n", str(REPO / "debian" / "sslvpn-heartbeat.postinst")]
+                          ).returncode == 0
+
+
+@pytest.fixture
+def metrics_scene(installed: Installed) -> Iterator[Scene]:
+    """A scene of the installed package whose config adds the shipped [metrics] section."""
+    assert TEXTFILE_DIR.is_dir(), "prometheus-node-exporter is not installed (scripts/bootstrap)"
+    for s in make_scene(installed, "nft"):
+        s.config.write_text(s.config.read_text()
+                            + f'[metrics]\ntextfile = "{METRICS_FILE}"\n')
+        yield s
+
+
+def _scrape(scene: Scene) -> str:
+    return scene.ns.run(["curl", "-sf", "--max-time", "5", f"http://{LISTEN}/metrics"],
+                        check=False).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_installed_agent_metrics_reach_node_exporter_as_prometheus(
+        metrics_scene: Scene) -> None:
+    """Package + node_exporter: the agent (its own user) writes, node_exporter (prometheus) serves."""
+    scene = metrics_scene
+    scene.start_service()
+    proc = scene.init("start")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + scene.log.read_text(errors="replace")
+    wait_for(METRICS_FILE.exists, 10, "the metrics file in node_exporter's directory")
+    st = METRICS_FILE.stat()
+    assert st.st_uid == pwd.getpwnam(AGENT).pw_uid and stat.S_IMODE(st.st_mode) == 0o644
+    with open(scene.tmp / "node_exporter.log", "wb") as log:
+        exporter = scene.ns.popen(
+            ["setpriv", "--reuid=prometheus", "--regid=prometheus", "--init-groups",
+             NODE_EXPORTER, "--collector.disable-defaults", "--collector.textfile",
+             f"--web.listen-address={LISTEN}"],  # the default textfile directory
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=CLEAN_ENV)
+    wait_for(lambda: exporter.poll() is None and "sslvpn_heartbeat_service_healthy 1.0"
+             in _scrape(scene), 10, "node_exporter serving the agent's metrics (healthy)")
+    text = _scrape(scene)
+    assert "node_textfile_scrape_error 0" in text
+    assert 'sslvpn_heartbeat_chain_mode{mode="open"} 1.0' in text
+    scene.kill_service()
+    wait_for(lambda: 'sslvpn_heartbeat_chain_mode{mode="block"} 1.0' in _scrape(scene), 10,
+             "the scrape showing the chain blocked")
+    text = _scrape(scene)
+    assert "sslvpn_heartbeat_service_healthy 0.0" in text
+    assert 'sslvpn_heartbeat_transitions_total{to="down"} 1.0' in text
+    assert scene.init("stop").returncode == 0
+    wait_for(lambda: "sslvpn_heartbeat_up 0.0" in _scrape(scene), 10, "up 0 after stop")
+    assert scene.log_events("metrics-write-failed") == []
+
+
+@pytest.mark.slow
+def test_purge_removes_the_metrics_file(installed: Installed) -> None:
+    """After purge, node_exporter no longer serves the agent's last values."""
+    installed.ensure()
+    METRICS_FILE.write_text("sslvpn_heartbeat_up 0\n")  # as a stopped agent leaves it
+    installed.purge()
+    assert not METRICS_FILE.exists()
