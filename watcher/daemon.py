@@ -32,7 +32,7 @@ from watcher.events import Evidence, Source, Trigger
 from watcher.logsetup import Logging, configure
 from watcher.metrics import Metrics
 from watcher.notify import Notifier
-from watcher.probe import Prober, ProbeResult
+from watcher.probe import CHECKS, Prober, ProbeResult
 from watcher.sources.inotify import PidFileWatch
 from watcher.sources.pidfd import ProcessWatch
 from watcher.sources.proc_connector import ProcConnectorSource
@@ -455,7 +455,8 @@ class Daemon:
                 with contextlib.suppress(RuntimeError):  # the loop has closed
                     loop.call_soon_threadsafe(self._metrics_report, reason)
 
-            self._metrics = Metrics(Path(cfg.metrics.textfile), __version__, report=report)
+            self._metrics = Metrics(Path(cfg.metrics.textfile), __version__, checks=CHECKS,
+                                    report=report)
         if cfg.agent_check.listen:
             host, port = parse_listen(cfg.agent_check.listen)
             self._agentcheck = AgentCheck(host, port)

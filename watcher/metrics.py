@@ -18,7 +18,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,15 +159,19 @@ Reporter = Callable[[str], None]  # "" after a success that follows failures, el
 class Metrics:
     """The agent's metrics, rewritten to ``path`` by a background thread after every change."""
 
-    def __init__(self, path: Path, version: str, *, report: Reporter | None = None,
-                 clock: Callable[[], float] = time.time,
+    def __init__(self, path: Path, version: str, *, checks: Iterable[str] = (),
+                 report: Reporter | None = None, clock: Callable[[], float] = time.time,
                  writer: Callable[[Path, bytes], None] = write_atomic) -> None:
+        """``checks``: the probe's check names, shown at 0 from the start (rate() needs a
+        first sample); ``report`` is called on the writer thread with each new error, and
+        with "" when writing works again."""
         self.path = path
         self._report = report or (lambda reason: None)
         self._clock = clock
         self._write = writer
         self._lock = threading.Lock()
-        self._snap = Snapshot(version=version)
+        self._snap = Snapshot(version=version,
+                              probe_failures=dict.fromkeys(list(checks)[:_MAX_CHECK_LABELS], 0))
         self._counts = list(self._snap.latency_counts)
         self._dirty = threading.Event()
         self._closing = False

@@ -107,6 +107,17 @@ def test_counters_count_and_the_transition_time_is_kept() -> None:
     assert _v(data, "sslvpn_heartbeat_log_dropped_total") == 7
 
 
+def test_known_checks_start_at_zero() -> None:
+    """The probe's check names given at construction are rendered at 0 before any failure."""
+    m = Metrics(Path("/x.prom"), "v", checks=("pid_file", "connect"), writer=lambda p, d: None)
+    try:
+        data = render(m.snapshot())
+    finally:
+        m.close()
+    assert _v(data, "sslvpn_heartbeat_probe_failures_total", check="pid_file") == 0
+    assert _v(data, "sslvpn_heartbeat_probe_failures_total", check="connect") == 0
+
+
 def test_check_labels_are_bounded() -> None:
     """However many distinct check names arrive, the label set stays small ("other" beyond)."""
     m = Metrics(Path("/x.prom"), "v", writer=lambda p, d: None)
