@@ -25,8 +25,10 @@ from tests.packaging.test_deb import AGENT, Scene, make_scene
 
 PKG = REPO / "packaging"
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
-TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
-METRICS_FILE = TEXTFILE_DIR / "sslvpn-heartbeat.prom"
+TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")  # Debian's node_exporter reads it
+METRICS_DIR = Path("/var/lib/sslvpn-heartbeat-metrics")  # the agent writes here
+METRICS_FILE = METRICS_DIR / "sslvpn-heartbeat.prom"
+LINK = TEXTFILE_DIR / "sslvpn-heartbeat.prom"
 LISTEN = "127.0.0.1:9100"
 
 
@@ -39,26 +41,23 @@ def node_exporter_default_dir() -> str:
     return m.group(1)
 
 
-def test_shipped_metrics_file_is_in_node_exporters_default_directory() -> None:
-    """The packaged config's textfile lies in the directory Debian's node_exporter reads."""
+def test_shipped_metrics_file_is_linked_into_node_exporters_default_directory() -> None:
+    """The packaged config's file is the target of the package's link in node_exporter's dir."""
     cfg = tomllib.loads((PKG / "config.toml").read_text())
-    path = Path(cfg["metrics"]["textfile"])
-    assert path == METRICS_FILE and str(path.parent) == node_exporter_default_dir()
-    assert path.suffix == ".prom"
+    assert Path(cfg["metrics"]["textfile"]) == METRICS_FILE
+    assert str(TEXTFILE_DIR) == node_exporter_default_dir()
+    links = [ln.split() for ln in (REPO / "debian" / "sslvpn-heartbeat.links").read_text()
+             .splitlines() if ln and not ln.startswith("#")]
+    assert [str(METRICS_FILE).lstrip("/"), str(LINK).lstrip("/")] in links
 
 
-def test_unit_tmpfiles_and_trigger_grant_the_directory() -> None:
-    """The unit makes the directory writable, tmpfiles.d grants the user, a trigger re-grants."""
+def test_unit_makes_the_metrics_directory_writable() -> None:
+    """ReadWritePaths= lists the metrics directory; the postinst makes it, 0755, the agent's."""
     u = unit_settings(PKG / "sslvpn-heartbeat.service")
     paths = [p for line in u["ReadWritePaths"] for p in line.split()]
-    assert f"-{TEXTFILE_DIR}" in paths
-    tmpfiles = (PKG / "sslvpn-heartbeat.tmpfiles").read_text()
-    assert re.search(rf"^a\+ {re.escape(str(TEXTFILE_DIR))} - - - - u:{AGENT}:rwx$", tmpfiles,
-                     re.M)
-    triggers = (REPO / "debian" / "sslvpn-heartbeat.triggers").read_text()
-    assert re.search(rf"^interest-noawait {re.escape(str(TEXTFILE_DIR))}$", triggers, re.M)
+    assert f"-{METRICS_DIR}" in paths
     postinst = (REPO / "debian" / "sslvpn-heartbeat.postinst").read_text()
-    assert '"$1" = triggered' in postinst and "systemd-tmpfiles --create" in postinst
+    assert f'install -d -o "$AGENT" -g "$AGENT" -m 0755 {METRICS_DIR}' in postinst
     assert subprocess.run(["sh", "-n", str(REPO / "debian" / "sslvpn-heartbeat.postinst")]
                           ).returncode == 0
 
@@ -66,7 +65,7 @@ def test_unit_tmpfiles_and_trigger_grant_the_directory() -> None:
 @pytest.fixture
 def metrics_scene(installed: Installed) -> Iterator[Scene]:
     """A scene of the installed package whose config adds the shipped [metrics] section."""
-    assert TEXTFILE_DIR.is_dir(), "prometheus-node-exporter is not installed (scripts/bootstrap)"
+    assert shutil.which(NODE_EXPORTER), "prometheus-node-exporter missing (scripts/bootstrap)"
     for s in make_scene(installed, "nft"):
         s.config.write_text(s.config.read_text()
                             + f'[metrics]\ntextfile = "{METRICS_FILE}"\n')
@@ -84,10 +83,16 @@ def test_installed_agent_metrics_reach_node_exporter_as_prometheus(
         metrics_scene: Scene) -> None:
     """Package + node_exporter: the agent (its own user) writes, node_exporter (prometheus) serves."""
     scene = metrics_scene
+    # Installed, before any run: the link resolves to a first file saying up 0.
+    assert LINK.is_symlink() and LINK.resolve() == METRICS_FILE
+    assert "sslvpn_heartbeat_up 0.0" in METRICS_FILE.read_text()
+    st = METRICS_DIR.stat()
+    assert st.st_uid == pwd.getpwnam(AGENT).pw_uid and stat.S_IMODE(st.st_mode) == 0o755
     scene.start_service()
     proc = scene.init("start")
     assert proc.returncode == 0, proc.stdout + proc.stderr + scene.log.read_text(errors="replace")
-    wait_for(METRICS_FILE.exists, 10, "the metrics file in node_exporter's directory")
+    wait_for(lambda: "sslvpn_heartbeat_up 1.0" in METRICS_FILE.read_text(), 10,
+             "the agent's first metrics file")
     st = METRICS_FILE.stat()
     assert st.st_uid == pwd.getpwnam(AGENT).pw_uid and stat.S_IMODE(st.st_mode) == 0o644
     with open(scene.tmp / "node_exporter.log", "wb") as log:
@@ -110,12 +115,13 @@ def test_installed_agent_metrics_reach_node_exporter_as_prometheus(
     assert scene.init("stop").returncode == 0
     wait_for(lambda: "sslvpn_heartbeat_up 0.0" in _scrape(scene), 10, "up 0 after stop")
     assert scene.log_events("metrics-write-failed") == []
+    assert f'node_textfile_mtime_seconds{{file="{LINK}"}}' in _scrape(scene)
 
 
 @pytest.mark.slow
-def test_purge_removes_the_metrics_file(installed: Installed) -> None:
+def test_purge_removes_the_metrics_and_the_link(installed: Installed) -> None:
     """After purge, node_exporter no longer serves the agent's last values."""
     installed.ensure()
-    METRICS_FILE.write_text("sslvpn_heartbeat_up 0\n")  # as a stopped agent leaves it
+    assert LINK.is_symlink() and METRICS_FILE.exists()
     installed.purge()
-    assert not METRICS_FILE.exists()
+    assert not LINK.is_symlink() and not METRICS_DIR.exists()

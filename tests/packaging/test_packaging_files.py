@@ -21,11 +21,11 @@ PKG = REPO / "packaging"
 def test_shipped_config_equals_defaults() -> None:
     """The shipped config.toml says what the built-in defaults say, but for the metrics file.
 
-    The package turns metrics on in node_exporter's textfile directory (it grants the agent that
-    directory); without a configuration file there is no metrics file.
+    The package turns metrics on, in the directory it makes for them; without a configuration
+    file there is no metrics file.
     """
     shipped = load_config(PKG / "config.toml")
-    assert shipped.metrics.textfile == "/var/lib/prometheus/node-exporter/sslvpn-heartbeat.prom"
+    assert shipped.metrics.textfile == "/var/lib/sslvpn-heartbeat-metrics/sslvpn-heartbeat.prom"
     assert Config().metrics.textfile == ""
     assert dataclasses.replace(shipped, metrics=Config().metrics) == Config()
 
