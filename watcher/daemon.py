@@ -363,6 +363,7 @@ class Daemon:
             if not self._ready:
                 self._ready = True
                 self._notify.ready()
+                await self._listen_agentcheck()  # fleet
                 self.log.info("agent-ready", mode=None if self._applied is None else str(self._applied),
                               **{"health.state": self._health.state.value})
 
@@ -382,6 +383,11 @@ class Daemon:
                              "kept the running ones for [firewall] and service.port")
             new = dataclasses.replace(new, firewall=self.cfg.firewall,
                                       service=dataclasses.replace(new.service, port=self.cfg.service.port))
+        if (new.metrics, new.agent_check) != (self.cfg.metrics, self.cfg.agent_check):  # fleet
+            self.log.warning("config-reload", reason="[metrics] and [agent_check] change on "
+                             "restart only; kept the running ones")
+            new = dataclasses.replace(new, metrics=self.cfg.metrics,
+                                      agent_check=self.cfg.agent_check)
         self.cfg = new
         self._params = health.Params.from_config(new.probe)
         self._state = StateDir(new.state.dir)
@@ -459,16 +465,23 @@ class Daemon:
                                     report=report)
         if cfg.agent_check.listen:
             host, port = parse_listen(cfg.agent_check.listen)
-            self._agentcheck = AgentCheck(host, port)
-            try:
-                await self._agentcheck.start()
-            except OSError as exc:
-                self.log.error("agent-check-failed", reason=f"{cfg.agent_check.listen}: {exc}")
-                self._agentcheck = None
-            else:
-                self.log.info("agent-check-listen",
-                              **{"server.address": host, "server.port": port})
+            self._agentcheck = AgentCheck(host, port)  # listens once the first decision is made
         self._publish_fleet()
+
+    async def _listen_agentcheck(self) -> None:
+        """fleet: open the agent-check listener after the first decision, so that a restarted
+        agent never tells HAProxy "down" for a healthy server while its first probe runs (a
+        refused connection leaves HAProxy's state as it was)."""
+        ac = self._agentcheck
+        if ac is None:
+            return
+        try:
+            await ac.start()
+        except OSError as exc:
+            self.log.error("agent-check-failed", reason=f"{self.cfg.agent_check.listen}: {exc}")
+            self._agentcheck = None
+        else:
+            self.log.info("agent-check-listen", **{"server.address": ac.host, "server.port": ac.port})
 
     def _metrics_report(self, reason: str) -> None:
         if reason:
