@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,15 +16,18 @@ from watcher.logsinks import FACILITIES, parse_syslog_address
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AgentCheckConfig",
     "Config",
     "FirewallConfig",
     "LogConfig",
+    "MetricsConfig",
     "ProbeConfig",
     "ServiceConfig",
     "StateConfig",
     "for_reload",
     "load_config",
     "parse_config",
+    "parse_listen",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sslvpn-heartbeat/config.toml")
@@ -85,6 +89,20 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics written for node_exporter's textfile collector."""
+
+    textfile: str = ""  # empty: no metrics file
+
+
+@dataclass(frozen=True)
+class AgentCheckConfig:
+    """HAProxy's agent check: the address the one-line answer is served on."""
+
+    listen: str = ""  # empty: no listener; else "ADDR:PORT" ("[ADDR]:PORT" for IPv6)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; defaults match the original product's manual page."""
 
@@ -93,6 +111,8 @@ class Config:
     firewall: FirewallConfig = field(default_factory=FirewallConfig)
     log: LogConfig = field(default_factory=LogConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    agent_check: AgentCheckConfig = field(default_factory=AgentCheckConfig)
 
 
 T = TypeVar("T")
@@ -187,6 +207,47 @@ def _syslog_address(key: str, v: Any) -> str:
     return v
 
 
+def parse_listen(v: str) -> tuple[str, int]:
+    """``"ADDR:PORT"`` or ``"[ADDR6]:PORT"`` as (address, port); ValueError says what is wrong."""
+    host, sep, port_s = v.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be ADDR:PORT (IPv6: [ADDR]:PORT), got {v!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(f"brackets are for IPv6 addresses only, got {v!r}")
+    elif ":" in host:
+        raise ValueError(f"an IPv6 address needs brackets, [ADDR]:PORT, got {v!r}")
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address (no host names)") from None
+    if not (port_s.isascii() and port_s.isdigit()) or not 1 <= int(port_s) <= 65535:
+        raise ValueError(f"the port must be between 1 and 65535, got {port_s!r}")
+    return str(addr), int(port_s)
+
+
+def _listen(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    if v:
+        try:
+            parse_listen(v)
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    return v
+
+
+def _textfile(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    if v:
+        _abs_path(key, v)
+        if not v.endswith(".prom"):
+            raise ConfigError(key, f"must end in .prom (node_exporter reads only *.prom), got {v!r}")
+    return v
+
+
 def _service_name_ok(s: str) -> bool:
     return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
@@ -240,6 +301,8 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
         },
     ),
     "state": (StateConfig, {"dir": _abs_path}),
+    "metrics": (MetricsConfig, {"textfile": _textfile}),
+    "agent_check": (AgentCheckConfig, {"listen": _listen}),
 }
 
 
@@ -291,11 +354,17 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
 
 
 def for_reload(old: Config, new: Config) -> tuple[Config, str]:
-    """What a reload applies of ``new``: all of it but ``[firewall]`` and ``service.port``,
-    which take effect on restart only; the note says so when they differ ("" otherwise)."""
-    if (new.firewall, new.service.port) == (old.firewall, old.service.port):
+    """What a reload applies of ``new``: all of it but ``[firewall]``, ``service.port``,
+    ``[metrics]`` and ``[agent_check]``, which take effect on restart only; the note names
+    those that differ ("" when none does)."""
+    kept = []
+    if (new.firewall, new.service.port) != (old.firewall, old.service.port):
+        kept.append("[firewall] and service.port")
+        new = dataclasses.replace(new, firewall=old.firewall,
+                                  service=dataclasses.replace(new.service, port=old.service.port))
+    if (new.metrics, new.agent_check) != (old.metrics, old.agent_check):
+        kept.append("[metrics] and [agent_check]")
+        new = dataclasses.replace(new, metrics=old.metrics, agent_check=old.agent_check)
+    if not kept:
         return new, ""
-    kept = dataclasses.replace(new, firewall=old.firewall,
-                               service=dataclasses.replace(new.service, port=old.service.port))
-    return kept, ("firewall settings change on restart only; kept the running ones for "
-                  "[firewall] and service.port")
+    return new, f"these change on restart only; kept the running ones for {', '.join(kept)}"

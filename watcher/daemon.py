@@ -4,7 +4,8 @@ One asyncio loop, no polling. Every source only *asks* for a probe; each round r
 record and probes, and hands both to the control core (``watcher.control``), which decides
 everything. The daemon carries out the actions the core returns: a firewall change in one
 worker thread (so a lock wait never stalls event intake; its result goes back to the core),
-timers, log lines, the status file and sd_notify, the exit.
+timers, log lines, sd_notify, the exit; ``watcher.outputs`` publishes the status (file,
+STATUS=, metrics, agent check).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from rules.errors import RulesError
 from rules.firewall import ApplyReport, Firewall
 from watcher import control
 from watcher.config import Config, for_reload
-from watcher.errors import AgentError, exit_code_of, is_transient
+from watcher.errors import EX_TEMPFAIL, AgentError, exit_code_of, is_transient
 from watcher.events import Evidence, Source, Trigger
 from watcher.logsetup import Logging
 from watcher.notify import Notifier
+from watcher.outputs import Outputs
 from watcher.probe import Prober
 from watcher.sources.inotify import PidFileWatch
 from watcher.sources.pidfd import ProcessWatch
@@ -49,8 +51,7 @@ class Daemon:
 
     def __init__(self, cfg: Config, *, firewall: Firewall, logging_: Logging, notifier: Notifier,
                  load: Callable[[], Config], config_path: str = "",
-                 clock: Callable[[], int] = time.monotonic_ns,
-                 wall: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         """Build the daemon on the running event loop (call it from a coroutine)."""
         self.cfg = cfg
         self._fw = firewall
@@ -60,14 +61,13 @@ class Daemon:
         self._load = load
         self._config_path = config_path
         self._clock = clock
-        self._wall = wall
         self._state = StateDir(cfg.state.dir)
         self._core = control.initial(control.Params.from_config(cfg))
         self._pending: Trigger | None = None
         self._wake = asyncio.Event()
         self._fw_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="firewall")
-        self._io_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="status")
         self._loop = asyncio.get_running_loop()
+        self._outputs = Outputs(cfg, self.log, notifier, logging_.dropped_total)
         self._exit: asyncio.Future[int] = self._loop.create_future()
         self._sources: list[Any] = []
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per purpose, re-armed in place
@@ -79,6 +79,7 @@ class Daemon:
     def feed(self, inp: control.Input) -> None:
         """Hand ``inp`` to the control core and carry out what it returns, in order."""
         self._core, actions = control.step(self._core, inp, self._clock())
+        self._outputs.seen(inp, actions)
         for act in actions:
             self._do(act)
 
@@ -96,8 +97,6 @@ class Daemon:
                 self._arm("admin", at, self.emit, Trigger(Source.ADMIN, "expiry", at))
             case control.Log(level=level, event=event, fields=fields):
                 getattr(self.log, level)(event, **fields)
-            case control.Publish(status=status):
-                self._io_exec.submit(self._publish, status)
             case control.Notify(what="ready"):
                 self._notify.ready()
             case control.Notify(what="stopping"):
@@ -125,17 +124,6 @@ class Daemon:
 
         fut = self._fw_exec.submit(call)
         fut.add_done_callback(lambda f: self._loop.call_soon_threadsafe(done, f))
-
-    def _publish(self, status: control.Status) -> None:
-        """Write the status file and tell systemd (in the status thread, off the event loop)."""
-        mode = None if status.mode is None else str(status.mode)
-        info = {"pid": os.getpid(), "health": str(status.health), "mode": mode,
-                "admin": status.admin is not None, "since": self._wall()}
-        try:
-            self._state.write_daemon(info)
-        except OSError as exc:
-            self.log.warning("state-write-failed", reason=str(exc))
-        self._notify.status(f"service {status.health}, firewall {mode}")
 
     def _arm(self, name: str, at_ns: int, callback: Callable[..., object], *args: object) -> None:
         """(Re)arm the timer called ``name`` for monotonic time ``at_ns``."""
@@ -230,7 +218,7 @@ class Daemon:
             self.feed(control.Reloaded(None, self._config_path, error=str(exc)))
             return
         new, note = for_reload(self.cfg, new)
-        self.cfg = new
+        self.cfg = self._outputs.cfg = new
         self._state = StateDir(new.state.dir)
         self._stop_sources()
         self._start_sources()
@@ -244,7 +232,7 @@ class Daemon:
         self._stop_sources()
         p = self._core.params
         # The core's changes are bounded by their deadlines; this only guards the bound itself.
-        self._loop.call_later((p.stop_grace_ns + 1_000_000_000) / 1e9, self._finish, 75,
+        self._loop.call_later((p.stop_grace_ns + 1_000_000_000) / 1e9, self._finish, EX_TEMPFAIL,
                               "stop bound passed")
         self.feed(control.Stop(signame))
 
@@ -268,6 +256,7 @@ class Daemon:
         await loop.run_in_executor(self._fw_exec, self._fw.detect_families)
         with contextlib.suppress(OSError):
             self._state.ensure()
+        self._outputs.start()
         self._pidfd.attach(loop)
         self._proc.attach(loop)
         self._start_sources()
@@ -284,11 +273,10 @@ class Daemon:
             self._stop_sources()
             self._pidfd.close()
             self._proc.close()
-        self._io_exec.shutdown(wait=True)
+        await self._outputs.close()
         # A change still running past the stop bound is not waited for: the process ends.
         self._fw_exec.shutdown(wait=False)
         with contextlib.suppress(RulesError, RuntimeError):
-            if code != 75:
+            if code != EX_TEMPFAIL:
                 self._fw.close()
-        self._state.clear_daemon()
         return code

@@ -112,6 +112,11 @@ ACTIONS: Mapping[str, EventClass] = {
     "sock-diag-overrun": _ec("network", "info", "failure"),
     "sock-diag-error": _ec("network", "info", "failure"),
     "sock-diag-bad-message": _ec("network", "info", "failure"),
+    # Fleet integrations: the metrics file and HAProxy's agent check.
+    "metrics-write-failed": _ec("file", "change", "failure"),
+    "metrics-write-recovered": _ec("file", "change", "success"),
+    "agent-check-listen": _ec("network", "start", "success"),
+    "agent-check-failed": _ec("network", "start", "failure"),
 }
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -495,6 +500,10 @@ class Logging:
     def stats(self) -> dict[str, SinkStats]:
         """Counters per sink name (``stream``, ``file``, ``syslog``)."""
         return {s.name: _stats(s) for s in self._fanout.sinks}
+
+    def dropped_total(self) -> int:
+        """Lines lost so far, over every sink."""
+        return sum(s.dropped for s in self.stats().values())
 
     @property
     def failures(self) -> int:

@@ -45,6 +45,7 @@ from watcher.config import ProbeConfig, ServiceConfig
 from watcher.pidfile import PidFileError, read_pid_file
 
 __all__ = [
+    "CHECKS",
     "ProbeResult",
     "Prober",
     "ProcStat",
@@ -55,6 +56,7 @@ __all__ = [
     "start_realtime_ns",
 ]
 
+CHECKS = ("pid_file", "process", "process_name", "listen", "connect", "tls", "http")
 TASK_COMM_LEN = 15  # the kernel keeps at most 15 characters of a process name in comm
 MAX_STATUS_LINE = 1024
 _CLOSE_WAIT_S = 0.05

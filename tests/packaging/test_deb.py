@@ -532,7 +532,10 @@ def test_purge_leaves_nothing(installed: Installed) -> None:
                                 "/lib/systemd", "/lib/systemd/system", "/usr", "/usr/lib",
                                 "/usr/lib/tmpfiles.d", "/usr/sbin", "/usr/share",
                                 "/usr/share/doc", "/usr/share/man", "/usr/share/man/man8",
-                                "/usr/share/python3", "/usr/share/python3/runtime.d", "/.")}
+                                "/usr/share/python3", "/usr/share/python3/runtime.d", "/.",
+                                # node_exporter's textfile directory, where the metrics link is
+                                "/var", "/var/lib", "/var/lib/prometheus",
+                                "/var/lib/prometheus/node-exporter")}
     left = [p for p in files if p not in shared and (p.exists() or p.is_symlink())]
     assert not left, f"left behind: {left}"
     for path in (PRIVATE, Path("/etc/sslvpn-heartbeat"), Path("/var/lib/sslvpn-heartbeat"),

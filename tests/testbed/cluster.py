@@ -130,8 +130,13 @@ def http_get(ns_name: str, host: str, port: int, path: str = "/", timeout: float
 
 
 def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats_socket: Path,
-                       http_mode: str = "server-close") -> str:
-    """HAProxy configuration: round robin over ``(name, addr, port)``, retries + redispatch, no checks."""
+                       http_mode: str = "server-close",
+                       agent_check: tuple[int, str] | None = None) -> str:
+    """HAProxy configuration: round robin over ``(name, addr, port)``, retries + redispatch, no checks.
+
+    ``agent_check=(PORT, INTER)`` adds HAProxy's agent check to every server (the agent's
+    ``[agent_check] listen`` on that port of the server's address, asked every INTER).
+    """
     if http_mode not in ("server-close", "keep-alive"):
         raise ValueError(f"http_mode must be server-close or keep-alive, got {http_mode!r}")
     mode_lines = (["option http-server-close"] if http_mode == "server-close"
@@ -167,10 +172,18 @@ def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats
         "",
         "backend sslvpn",
         "    balance roundrobin",
-        *(f"    server {name} {addr}:{port}" for name, addr, port in servers),
+        *(f"    server {name} {addr}:{port}{_agent_check_opts(agent_check)}"
+          for name, addr, port in servers),
         "",
     ]
     return "\n".join(lines)
+
+
+def _agent_check_opts(agent_check: tuple[int, str] | None) -> str:
+    if agent_check is None:
+        return ""
+    port, inter = agent_check
+    return f" agent-check agent-port {port} agent-inter {inter}"
 
 
 def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreachable") -> str:
@@ -348,7 +361,8 @@ class Cluster:
                  agent_config: Callable[[Server], str] | None = default_agent_config,
                  workdir: Path | None = None, port: int = 8080, bind: str = "0.0.0.0",
                  http_mode: str = "server-close", ready_timeout: float = 10.0,
-                 agent_ready: Callable[[Server], bool] | None = None) -> None:
+                 agent_ready: Callable[[Server], bool] | None = None,
+                 agent_check: tuple[int, str] | None = None) -> None:
         if not 1 <= n_servers <= 9:
             raise ValueError("n_servers must be between 1 and 9")
         self.n_servers = n_servers
@@ -358,6 +372,7 @@ class Cluster:
         self.port = port
         self.bind = bind
         self.http_mode = http_mode
+        self.agent_check = agent_check  # (port, inter) of HAProxy's agent check, or None
         self.ready_timeout = ready_timeout
         self.agent_ready = agent_ready or (lambda s: s.chain_rules() == [])
         self._own_workdir = workdir is None
@@ -412,7 +427,7 @@ class Cluster:
             self.servers.append(srv)
         self.haproxy_cfg.write_text(render_haproxy_cfg(
             [(s.name, s.addr, s.port) for s in self.servers], GATEWAY_CLIENT_ADDR,
-            self.haproxy_sock, self.http_mode))
+            self.haproxy_sock, self.http_mode, self.agent_check))
         with open(self.haproxy_log, "ab") as log:
             self.haproxy = gw.popen(["haproxy", "-f", str(self.haproxy_cfg), "-db"],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)

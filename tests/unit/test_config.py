@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 from watcher.config import (
     MAX_CONFIG_BYTES,
+    AgentCheckConfig,
     Config,
     FirewallConfig,
     LogConfig,
+    MetricsConfig,
     ProbeConfig,
     ServiceConfig,
     StateConfig,
@@ -31,6 +33,8 @@ SECTIONS: dict[str, type[Any]] = {
     "firewall": FirewallConfig,
     "log": LogConfig,
     "state": StateConfig,
+    "metrics": MetricsConfig,
+    "agent_check": AgentCheckConfig,
 }
 
 # key -> values the parser must accept. Paths are given as TOML gives them: strings.
@@ -60,6 +64,9 @@ GOOD: dict[str, list[Any]] = {
                            "tcp://siem.example.org:601"],
     "log.syslog_facility": ["daemon", "local0", "local7", "user"],
     "state.dir": ["/var/lib/sslvpn-heartbeat", "/tmp/x"],
+    "metrics.textfile": ["", "/var/lib/prometheus/node-exporter/sslvpn-heartbeat.prom", "/m/a.prom"],
+    "agent_check.listen": ["", "127.0.0.1:5555", "10.0.0.7:1", "[::1]:65535", "[fd00::2]:80",
+                           "0.0.0.0:9999"],
 }
 
 # key -> values the parser must refuse, naming the key.
@@ -88,6 +95,10 @@ BAD: dict[str, list[Any]] = {
     "log.syslog_address": ["dev/log", "tcp://host", "udp://h:0", "http://h:80", 514],
     "log.syslog_facility": ["local8", "DAEMON", 3],
     "state.dir": ["", "var/lib/x", "/", "/a/..", 0],
+    "metrics.textfile": ["a.prom", "/x/m.txt", "/x/m.prom\n", "/", 1, True],
+    "agent_check.listen": ["127.0.0.1", ":5555", "localhost:5555", "::1:5555", "[10.0.0.1]:5",
+                           "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:+5", "127.0.0.1:\u0665",
+                           "[::1]:", 5555, None],
 }
 
 ALL_KEYS = sorted(f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls))
