@@ -20,7 +20,7 @@ def test_accepted_forms(text: str, seconds: int) -> None:
 
 @pytest.mark.parametrize("text", [
     "", "   ", "90", "s", "1.5h", "-5m", "+5m", "5 m", "30m1h", "1h1h", "5w", "0s", "0h0m",
-    "1h 30m", "1e3s", "367d", "١٢s", "9999999999s",
+    "1h 30m", "1e3s", "367d", "\u0661\u0662s", "9999999999s",
 ])
 def test_refused_forms_name_the_accepted_ones(text: str) -> None:
     """Anything else raises DurationError whose message names the problem or the accepted forms."""
