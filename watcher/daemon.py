@@ -104,6 +104,8 @@ class Daemon:
         self._stopping = False
         self._last_fail_reason = ""
         self._known_dead: int | None = None
+        self._admin_until: float | None = None  # timed admin blocks (issue 14): see _timed_admin
+        self._lift_reason = ""
 
     # ------------------------------------------------------------------ event intake
 
@@ -184,6 +186,7 @@ class Daemon:
         repair, self._repair_due = self._repair_due, False
         retry, self._retry_due = self._retry_due, False
         prober = Prober(self.cfg.service, self.cfg.probe, own_pid=os.getpid(), listening=listening)
+        self._lift_reason = self._timed_admin()
         admin = self._state.admin()
         block = None if admin is None else health.AdminBlock(admin.drain, admin.reason)
         if block != self._health.admin and await self._step(health.AdminChange(block), trig):
@@ -209,6 +212,26 @@ class Daemon:
             # Repair: whatever the decision, make sure the kernel still holds what we applied
             # (someone may have emptied the chain, removed the jump, added duplicates).
             await self._ensure_current(trig)
+
+    # --- timed admin blocks (issue 14, item 4): a minimal hook for the lead's new core -----
+    def _timed_admin(self) -> str:
+        """Remove an admin record past its ``until`` and arm a timer at a live one's; return
+        the reason to log if the admin block this daemon holds is now gone ("expired" or "")."""
+        gone = self._state.expire_admin()
+        rec = self._state.admin()
+        timer = self._timers.pop("admin-until", None)
+        if timer is not None:
+            timer.cancel()
+        if rec is not None and rec.until is not None:  # wall clock -> loop clock, re-armed each round
+            self._arm("admin-until", max(0.0, rec.until - time.time()), lambda: self.emit(
+                Trigger(Source.ADMIN, "timed block expired", self._clock())))
+        held, self._admin_until = self._admin_until, None if rec is None else rec.until
+        if gone is not None and self._health.admin is None:  # expired before we ever held it
+            self.log.info("admin-unblock", trigger="admin", reason="expired", until=gone.until,
+                          drain=gone.drain)
+        expired = gone is not None or (held is not None and time.time() >= held)
+        return "expired" if expired else ""
+    # --- end of the timed-admin hook ------------------------------------------------------
 
     def _track(self, result: ProbeResult) -> None:
         """Follow the PID the probe read. A probe that read no PID (file gone) keeps the old
@@ -250,7 +273,7 @@ class Daemon:
         if isinstance(inp, health.AdminChange):
             kind = "admin-block" if inp.block is not None else "admin-unblock"
             self.log.info(kind, trigger=str(trig.source),
-                          reason=inp.block.reason if inp.block else "")
+                          reason=inp.block.reason if inp.block else self._lift_reason)
         self._publish()
         return applied
 
