@@ -7,11 +7,16 @@ timeout``, never on a 503) and marks a refusing server unavailable for ``fail_ti
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.netns import REPO
 from tests.testbed.cluster import NGINX_BACKLOG, Cluster
 from tests.testbed.scenario import FAILOVERS, ScenarioOutcome, run_scenario
 
@@ -69,3 +74,16 @@ def test_nginx_listens_on_the_namespace_address_only_with_its_backlog(
     access = (workdir / "nginx-access.log").read_text().splitlines()
     assert len(access) >= len(out.records) * 0.9
     assert (workdir / "nginx-error.log").exists()
+
+
+def test_the_demo_runs_behind_nginx() -> None:
+    """``demo --gateway nginx`` builds the cluster with nginx, runs every step and exits 0,
+    the stop costing at most the 2 bad answers the scenario allows."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run([sys.executable, "-m", "tests.testbed", "demo", "--gateway", "nginx"],
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "a gateway running nginx" in r.stdout
+    m = re.search(r"Stopping server 1 cost the users (\d+) failed request", r.stdout)
+    assert m is not None, r.stdout[-2000:]
+    assert int(m.group(1)) <= MAX_BAD_PER_FAILOVER, r.stdout[-2000:]
