@@ -20,6 +20,23 @@ from tests.plugin_output import PluginOutput, parse
 pytestmark = pytest.mark.netns
 
 WORD = {0: "OK", 1: "WARNING", 2: "CRITICAL", 3: "UNKNOWN"}
+# The Monitoring Plugins project's own perfdata parser (Debian's libmonitoring-plugin-perl), a
+# second reader of every line besides ours.
+_PERL = r"""
+use Monitoring::Plugin::Performance;
+my @p = Monitoring::Plugin::Performance->parse_perfstring($ARGV[0]) or die "unparsable\n";
+for (@p) {
+    print join("\t", $_->label, $_->value, $_->uom // "", $_->min // ""), "\n";
+}
+"""
+
+
+def perl_perf(perf: str) -> list[tuple[str, float, str, str]]:
+    """``perf`` as Monitoring::Plugin::Performance reads it: (label, value, uom, min)."""
+    r = subprocess.run(["perl", "-e", _PERL, perf], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, (perf, r.stderr)
+    rows = [ln.split("\t") for ln in r.stdout.splitlines()]
+    return [(a, float(b), c, d) for a, b, c, d in rows]
 
 
 class Bed:
@@ -46,7 +63,11 @@ class Bed:
         assert len(lines) == 1, r.stdout
         line = lines[0]
         assert line.startswith(f"SSLVPN-HEARTBEAT {WORD[want]} - "), line
-        return line, parse(line)
+        out = parse(line)
+        if out.perf:
+            assert perl_perf(line.split("|", 1)[1].strip()) == [
+                (p.label, p.value, p.uom, p.min) for p in out.perf], line
+        return line, out
 
 
 @pytest.fixture
