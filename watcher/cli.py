@@ -186,8 +186,8 @@ def cmd_block(args: argparse.Namespace) -> int:
     """Record an admin block (it survives restarts) and apply it now; ``--for`` makes it lift
     itself at that time, ``--wait`` waits for the drained connections to end."""
     if args.wait and not args.drain:
-        return _usage("--wait needs --drain (a full block resets nothing: there is nothing to "
-                      "wait for; a drain lets established sessions finish)")
+        return _usage("--wait needs --drain (a full block rejects the established sessions' "
+                      "packets too, so there is nothing to wait for; a drain lets them finish)")
     if args.timeout is not None and not args.wait:
         return _usage("--timeout needs --wait")
     seconds = None
@@ -211,6 +211,8 @@ def cmd_block(args: argparse.Namespace) -> int:
     what = "new connections to" if args.drain else "connections to"
     timed = "" if rec.until is None or seconds is None else \
         f"; lifts itself at {_iso(rec.until)} (in {format_duration(seconds)})"
+    if timed and sd.daemon() is None:
+        timed += "; no daemon runs now: after that the chain opens at its start or with unblock"
     # With --wait, stdout carries the progress only (JSON lines when it is not a terminal).
     print(f"blocked: {what} port {cfg.service.port} are rejected "
           f"(chain {cfg.firewall.chain}, {'+'.join(str(f) for f in fw.families)}){timed}",
@@ -231,6 +233,10 @@ def _wait_drained(cfg: Config, log: Any, timeout: float | None) -> int:
     started = time.monotonic()
     try:
         drained, left = wait_drained(lambda: _established(port), show, timeout=timeout)
+    except KeyboardInterrupt:
+        show.end()
+        print("sslvpn-heartbeat: interrupted: the drain stays in force", file=sys.stderr)
+        raise
     except BaseException:
         show.end()
         raise
