@@ -104,6 +104,15 @@ def test_waits_for_each_connection_and_exits_0_when_drained(netns: Netns, conns:
     cfg, state = _config(tmp_path)
     for fam in (socket.AF_INET, socket.AF_INET, socket.AF_INET6):
         conns.open(fam)
+    # a connection to another port is not counted (nor are listeners and client sides)
+    other = socket_in(netns.name)
+    other.bind(("127.0.0.1", PORT + 1))
+    other.listen(1)
+    peer = socket_in(netns.name)
+    peer.connect(("127.0.0.1", PORT + 1))
+    conns.clients.insert(0, peer)  # kept last: close_one() ends the PORT connections first
+    conns.served.insert(0, other.accept()[0])
+    conns.listeners.append(other)
     status = netns.run([sys.executable, "-m", "watcher", "status", "--json", "--config",
                         str(cfg)], env=child_env())
     assert json.loads(status.stdout)["established"] == 3
