@@ -6,9 +6,12 @@ This module wires concrete parts (config, backend, firewall, logging); decisions
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,11 @@ from rules.model import Mode
 from watcher import __version__
 from watcher.app import build_firewall
 from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
+from watcher.duration import DurationError, format_duration, parse_duration
 from watcher.errors import (
     EX_CONFIG,
     EX_OK,
+    EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_UNHEALTHY,
     EX_USAGE,
@@ -29,7 +34,7 @@ from watcher.errors import (
     FacilityMissing,
     exit_code_of,
 )
-from watcher.statedir import StateDir
+from watcher.statedir import AdminRecord, StateDir
 
 __all__ = ["main"]
 
@@ -79,16 +84,41 @@ def _mode_of(state: Any) -> str:
     return str(state.mode_guess)
 
 
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _expire_admin(sd: StateDir, log: Any) -> AdminRecord | None:
+    """Remove a timed admin record past its ``until`` (logged as admin-unblock, reason
+    expired); return the removed record."""
+    gone = sd.expire_admin()
+    if gone is not None:
+        log.info("admin-unblock", reason="expired", trigger="admin", until=gone.until,
+                 drain=gone.drain)
+    return gone
+
+
+def _established(port: int) -> int:
+    from watcher.sources.sock_diag import established
+
+    return established(port)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the chain's state in each family, the admin block and the daemon's state."""
+    """Print the chain's state in each family, the admin block, the established connections
+    to the port and the daemon's state."""
     cfg = _load(args)
     require_net_admin()
-    fw = build_firewall(cfg, _cli_logger(cfg))
+    log = _cli_logger(cfg)
+    fw = build_firewall(cfg, log)
     fw.detect_families()  # a skipped IPv6 is said, not silently left out
     states = fw.read()
     sd = StateDir(cfg.state.dir)
-    admin = sd.admin()
+    expired = _expire_admin(sd, log)
+    now = time.time()
+    admin = sd.admin(now)
     daemon = sd.daemon()
+    established = _established(cfg.service.port)
     report: dict[str, Any] = {
         "chain": cfg.firewall.chain,
         "port": cfg.service.port,
@@ -105,7 +135,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             for f, s in states.items()
         },
         "admin_block": None if admin is None else
-        {"drain": admin.drain, "reason": admin.reason, "since": admin.since},
+        {"drain": admin.drain, "reason": admin.reason, "since": admin.since,
+         "until": admin.until, "remaining_s": admin.remaining(now)},
+        "established": established,
         "daemon": daemon,
     }
     if args.json:
@@ -117,10 +149,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {fam}: {info['state']:<8} jumps from INPUT: {info['jumps']} "
               f"(position {where})  [{info['flavour']}]")
     if admin is None:
-        print("admin block: none")
+        print("admin block: none" + ("" if expired is None else
+                                     f" (a timed block expired at {_iso(expired.until or 0)})"))
     else:
         kind = "drain (new connections only)" if admin.drain else "block"
-        print(f"admin block: {kind}" + (f", reason: {admin.reason}" if admin.reason else ""))
+        left = admin.remaining(now)
+        print(f"admin block: {kind}" + (f", reason: {admin.reason}" if admin.reason else "")
+              + ("" if left is None or admin.until is None else
+                 f", lifts itself at {_iso(admin.until)} (in {format_duration(left)})"))
+    print(f"established connections to port {cfg.service.port}: {established}")
     if daemon is None:
         print("daemon: not running")
     else:
@@ -129,26 +166,87 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _usage(message: str) -> int:
+    print(f"sslvpn-heartbeat: usage error: {message}", file=sys.stderr)
+    return EX_USAGE
+
+
 def cmd_block(args: argparse.Namespace) -> int:
-    """Record an admin block (it survives restarts) and apply it now."""
+    """Record an admin block (it survives restarts) and apply it now; ``--for`` makes it lift
+    itself at that time, ``--wait`` waits for the drained connections to end."""
+    if args.wait and not args.drain:
+        return _usage("--wait needs --drain (a full block rejects the established sessions' "
+                      "packets too, so there is nothing to wait for; a drain lets them finish)")
+    if args.timeout is not None and not args.wait:
+        return _usage("--timeout needs --wait")
+    seconds = None
+    if args.for_ is not None:
+        try:
+            seconds = parse_duration(args.for_)
+        except DurationError as exc:
+            return _usage(f"--for: {exc}")
     cfg, log, fw = _firewall_command(args)
+    sd = StateDir(cfg.state.dir)
+    _expire_admin(sd, log)
     mode = Mode.DRAIN if args.drain else Mode.BLOCK
     # The kernel first, the record after: a block that iptables refused (exit 75) leaves no
     # record behind, so the state directory never claims what the firewall does not hold.
     report = fw.ensure(mode)
-    rec = StateDir(cfg.state.dir).set_admin(args.drain, args.reason)
+    until = None if seconds is None else time.time() + seconds
+    rec = sd.set_admin(args.drain, args.reason, until=until)
     log.info("admin-block", reason=rec.reason, drain=rec.drain, trigger="admin",
-             families=[str(f) for f in fw.families], transactions=report.transactions)
+             families=[str(f) for f in fw.families], transactions=report.transactions,
+             until=rec.until)
     what = "new connections to" if args.drain else "connections to"
+    timed = "" if rec.until is None or seconds is None else \
+        f"; lifts itself at {_iso(rec.until)} (in {format_duration(seconds)})"
+    if timed and sd.daemon() is None:
+        timed += "; no daemon runs now: after that the chain opens at its start or with unblock"
+    # With --wait, stdout carries the progress only (JSON lines when it is not a terminal).
     print(f"blocked: {what} port {cfg.service.port} are rejected "
-          f"(chain {cfg.firewall.chain}, {'+'.join(str(f) for f in fw.families)})")
+          f"(chain {cfg.firewall.chain}, {'+'.join(str(f) for f in fw.families)}){timed}",
+          file=sys.stderr if args.wait else sys.stdout)
+    if args.wait:
+        return _wait_drained(cfg, log, args.timeout)
     return EX_OK
+
+
+def _wait_drained(cfg: Config, log: Any, timeout: float | None) -> int:
+    """Wait until no established connection to the port remains: 0, or 75 on timeout (the
+    drain stays recorded and in force either way)."""
+    from watcher.drain import JsonProgress, LiveLine, wait_drained
+
+    port = cfg.service.port
+    show: LiveLine | JsonProgress = (LiveLine(sys.stdout, port, timeout) if sys.stdout.isatty()
+                                     else JsonProgress(sys.stdout, port))
+    started = time.monotonic()
+    try:
+        drained, left = wait_drained(lambda: _established(port), show, timeout=timeout)
+    except KeyboardInterrupt:
+        show.end()
+        print("sslvpn-heartbeat: interrupted: the drain stays in force", file=sys.stderr)
+        raise
+    except BaseException:
+        show.end()
+        raise
+    elapsed = round(time.monotonic() - started, 3)
+    if drained:
+        log.info("drain-complete", port=port, elapsed_s=elapsed)
+        print(f"drained: no established connection to port {port} remains", file=sys.stderr)
+        return EX_OK
+    show.end()
+    log.warning("drain-timeout", port=port, elapsed_s=elapsed, established=left)
+    print(f"sslvpn-heartbeat: timed out after {timeout:g}s: {left} established "
+          f"connection{'' if left == 1 else 's'} to port {port} remain; the drain stays in force",
+          file=sys.stderr)
+    return EX_TEMPFAIL
 
 
 def cmd_unblock(args: argparse.Namespace) -> int:
     """Lift the admin block; with no daemon running, open the chain too."""
     cfg, log, fw = _firewall_command(args)
     sd = StateDir(cfg.state.dir)
+    _expire_admin(sd, log)
     daemon = sd.daemon()
     if daemon is None:
         # No daemon to hand the chain to: open it, and only then drop the record (an open
@@ -182,7 +280,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Run one verification probe now; print it as JSON; exit 0 healthy, 1 unhealthy."""
+    """Run one verification probe now; print it as JSON; exit 0 healthy, 1 unhealthy. With
+    ``--nagios``: one monitoring-plugin line, exit 0/1/2/3 (see watcher.nagios)."""
+    if args.nagios:
+        return _check_nagios(args)
     import asyncio
 
     from watcher.probe import Prober
@@ -203,6 +304,59 @@ def cmd_check(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out, sort_keys=True))
     return EX_OK if result.ok else EX_UNHEALTHY
+
+
+def _check_nagios(args: argparse.Namespace) -> int:
+    """``check --nagios``: never an exit code outside 0-3; a check that cannot run is UNKNOWN."""
+    from watcher import nagios
+
+    try:
+        code, line = _nagios_verdict(args)
+    except AgentError as exc:
+        kind = "configuration error" if exc.exit_code == EX_CONFIG else "cannot check"
+        code, line = nagios.unknown(f"{kind}: {exc}")
+    except Exception as exc:  # the plugin API wants UNKNOWN, not a traceback and exit 1
+        code, line = nagios.unknown(f"cannot check: {type(exc).__name__}: {exc}")
+    print(line)
+    return code
+
+
+def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
+    import asyncio
+
+    from watcher import nagios
+    from watcher.probe import Prober
+    from watcher.sources.sock_diag import listening
+    from watcher.statedir import ADMIN_FILE
+
+    cfg = _load(args)
+    sd = StateDir(cfg.state.dir)
+    try:
+        os.lstat(sd.path / ADMIN_FILE)
+    except FileNotFoundError:
+        pass  # no admin block (or no state directory yet)
+    except OSError as exc:
+        return nagios.unknown(f"cannot read the state directory {sd.path}: {exc.strerror}; "
+                              "run the check as root or as the agent's user")
+    prober = Prober(cfg.service, cfg.probe, own_pid=os.getpid(), listening=listening)
+    result = asyncio.run(prober.probe())
+    now = time.time()
+    facts = nagios.Facts(
+        service=cfg.service.name, port=cfg.service.port, healthy=result.ok,
+        reason=result.reason, probe_s=result.duration_ns / 1e9,
+        established=_established(cfg.service.port), admin=sd.admin(now),
+        daemon_running=sd.daemon() is not None, now=now)
+    return nagios.verdict(facts)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -235,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log format (default: the config's; console when stdout is a terminal)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check", parents=[common], help="probe the service once; exit 0 healthy, 1 not")
+    c.add_argument("--nagios", action="store_true",
+                   help="one monitoring-plugin line; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN")
     c.set_defaults(func=cmd_check)
     s = sub.add_parser("status", parents=[common], help="show the chain, admin block and daemon state")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -243,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--drain", action="store_true",
                    help="reject only new connections so established sessions can finish")
     b.add_argument("--reason", default="", metavar="TEXT", help="why (logged and shown in status)")
+    b.add_argument("--for", dest="for_", default=None, metavar="DURATION",
+                   help="lift the block by itself after DURATION (90s, 30m, 2h, 1h30m, 1d)")
+    b.add_argument("--wait", action="store_true",
+                   help="with --drain: wait until no established connection to the port remains")
+    b.add_argument("--timeout", type=_positive_seconds, default=None, metavar="SECONDS",
+                   help="with --wait: give up after SECONDS (exit 75, the drain kept)")
     b.set_defaults(func=cmd_block)
     u = sub.add_parser("unblock", parents=[common], help="lift the admin block")
     u.set_defaults(func=cmd_unblock)
@@ -259,7 +421,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
-        return int(exc.code or 0)
+        code = int(exc.code or 0)
+        words = sys.argv[1:] if argv is None else list(argv)
+        if code and "check" in words and "--nagios" in words:
+            # the plugin API: invalid arguments are UNKNOWN (3), with a line saying so
+            print("SSLVPN-HEARTBEAT UNKNOWN - invalid arguments (see the message above)")
+            return 3
+        return code
     args.config_given = args.config is not None
     if args.config is None:
         args.config = DEFAULT_CONFIG_PATH

@@ -164,11 +164,13 @@ class Probed:
 
 @dataclass(frozen=True)
 class AdminRead:
-    """The admin record as read now; ``expired``: a timed one had ended (and was removed)."""
+    """The admin block in force, as read at UNIX time ``wall``; ``expired``: the reader found
+    a timed record past its end (and removed it), and this was its end."""
 
     trigger: Trigger
     block: AdminBlock | None
-    expired: bool = False
+    wall: float = 0.0
+    expired: float | None = None  # the end (UNIX time) of the expired record the reader removed
     expires_at_ns: int | None = None  # a timed block's end on the monotonic clock
 
 
@@ -399,6 +401,9 @@ def _admin(s: State, i: AdminRead, out: list[Action]) -> State:
     if i.expires_at_ns is not None:
         out.append(ReadAdminAt(i.expires_at_ns))
     if i.block == s.admin:
+        if i.expired is not None:  # ended before it was honoured here (no agent was running)
+            out.append(Log("info", "admin-unblock", {"reason": "expired", "until": i.expired,
+                                                     **_trig(i.trigger)}))
         return s
     nxt = replace(s, admin=i.block)
     if i.block is not None:
@@ -406,8 +411,11 @@ def _admin(s: State, i: AdminRead, out: list[Action]) -> State:
                                                **_trig(i.trigger)}))
         why = f"admin: {i.block.reason}" if i.block.reason else "admin"
     else:
-        reason = "expired" if i.expired else "lifted"
-        out.append(Log("info", "admin-unblock", {"reason": reason, **_trig(i.trigger)}))
+        until = None if s.admin is None else s.admin.until
+        ended = i.expired is not None or (until is not None and i.wall >= until)
+        reason = "expired" if ended else "lifted"
+        out.append(Log("info", "admin-unblock", {"reason": reason, "until": until,
+                                                 **_trig(i.trigger)}))
         why = f"admin block {reason}"
     if desired_mode(nxt) is not desired_mode(s):
         nxt = _want(nxt, i.trigger, why, None)

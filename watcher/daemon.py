@@ -94,7 +94,7 @@ class Daemon:
             case control.RetryAt(at_ns=at):
                 self._arm("retry", at, self.feed, control.RetryDue())
             case control.ReadAdminAt(at_ns=at):
-                self._arm("admin", at, self.emit, Trigger(Source.ADMIN, "expiry", at))
+                self._arm("admin", at, self.emit, Trigger(Source.ADMIN, "timed block expired", at))
             case control.Log(level=level, event=event, fields=fields):
                 getattr(self.log, level)(event, **fields)
             case control.Notify(what="ready"):
@@ -167,9 +167,17 @@ class Daemon:
                 self.log.exception("internal-error", reason=str(exc))
 
     async def _round(self, trig: Trigger) -> None:
-        rec = self._state.admin()
-        block = None if rec is None else control.AdminBlock(rec.drain, rec.reason)
-        self.feed(control.AdminRead(trig, block))
+        wall = time.time()
+        try:
+            gone = self._state.expire_admin(wall)  # a timed block past its end
+        except OSError:
+            gone = None  # not ours to remove: it still reads as no block
+        rec = self._state.admin(wall)
+        left = None if rec is None else rec.remaining(wall)
+        self.feed(control.AdminRead(
+            trig, None if rec is None else control.AdminBlock(rec.drain, rec.reason, rec.until),
+            wall, None if gone is None else gone.until,
+            None if left is None else self._clock() + int(left * 1e9)))
         prober = Prober(self.cfg.service, self.cfg.probe, own_pid=os.getpid(), listening=listening)
         result = await prober.probe()
         if result.pid is not None:  # follow the PID the probe read; a vanished file keeps the watch

@@ -81,6 +81,8 @@ ACTIONS: Mapping[str, EventClass] = {
     "probe-failed": _ec("network", "info", "failure"),
     "admin-block": _ec("configuration", "change", "success"),
     "admin-unblock": _ec("configuration", "change", "success"),
+    "drain-complete": _ec("network", "info", "success"),
+    "drain-timeout": _ec("network", "info", "failure"),
     "agent-start": _ec("process", "start", "success"),
     "agent-ready": _ec("process", "info", "success"),
     "agent-stop": _ec("process", "end", "success"),

@@ -1,5 +1,8 @@
 """The state directory: the admin block that survives restarts, and the running daemon's status.
 
+A timed admin block carries ``until``, an absolute UNIX time: it means the same after a daemon
+restart or a reboot, and once that time has come the record counts as no block anywhere.
+
 Both are small JSON files written atomically (temporary file, fsync, rename) with mode 0600 in
 a directory of mode 0700, so a reader never sees half a file and only the directory's owner (the
 daemon's user) or root can plant one. Each file gets the directory's owner and group before it
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -38,6 +42,15 @@ class AdminRecord:
     drain: bool
     reason: str
     since: float  # UNIX time
+    until: float | None = None  # UNIX time at which a timed block lifts itself; None: never
+
+    def expired(self, now: float) -> bool:
+        """True when this is a timed block whose ``until`` has come (at ``now``, UNIX time)."""
+        return self.until is not None and now >= self.until
+
+    def remaining(self, now: float) -> float | None:
+        """Seconds left until a timed block lifts itself (0 once expired); None if untimed."""
+        return None if self.until is None else max(0.0, self.until - now)
 
 
 class StateDir:
@@ -103,24 +116,65 @@ class StateDir:
             return None
         return data if isinstance(data, dict) else None
 
-    def admin(self) -> AdminRecord | None:
-        """The recorded admin block, or None (a corrupt file counts as a full block: fail safe)."""
+    def admin_record(self) -> AdminRecord | None:
+        """The recorded admin block as stored, expired or not, or None when there is none (a
+        corrupt file counts as a full, untimed block: fail safe)."""
         if not os.path.lexists(self.path / ADMIN_FILE):
             return None
         data = self._read(ADMIN_FILE)
         if data is None:
             return AdminRecord(False, "unreadable admin-block file: treated as a block", 0.0)
         drain, reason, since = data.get("drain", False), data.get("reason", ""), data.get("since", 0.0)
+        until = data.get("until")
         # Fields of the wrong type (a hand-edited or damaged file) make it a full block too.
         if (not isinstance(drain, bool) or not isinstance(reason, str)
-                or isinstance(since, bool) or not isinstance(since, (int, float))):
+                or isinstance(since, bool) or not isinstance(since, (int, float))
+                or isinstance(until, bool) or not isinstance(until, (int, float, type(None)))
+                or (until is not None and not math.isfinite(until))):
             return AdminRecord(False, "malformed admin-block file: treated as a block", 0.0)
-        return AdminRecord(drain, reason[:512], float(since))
+        return AdminRecord(drain, reason[:512], float(since),
+                           None if until is None else float(until))
 
-    def set_admin(self, drain: bool, reason: str) -> AdminRecord:
-        """Record an admin block (replacing any earlier one), owned like the directory, mode 0600."""
-        rec = AdminRecord(drain, reason, time.time())
-        self._write(ADMIN_FILE, asdict(rec))
+    def admin(self, now: float | None = None) -> AdminRecord | None:
+        """The admin block in force at ``now`` (UNIX time, default the current time), or None:
+        a timed block past its ``until`` counts as no block, whether or not its file remains."""
+        rec = self.admin_record()
+        if rec is None or rec.expired(time.time() if now is None else now):
+            return None
+        return rec
+
+    def expire_admin(self, now: float | None = None) -> AdminRecord | None:
+        """Remove the admin record if it is a timed block past its ``until``; return what was
+        removed (None when nothing was: no record, an untimed one, or one still in force).
+
+        A record written again between the read and the removal (a new ``block``) is kept: the
+        file is removed only while it is still the one read (same inode and change time).
+        """
+        path = self.path / ADMIN_FILE
+        try:
+            before = os.lstat(path)
+        except OSError:
+            return None
+        rec = self.admin_record()
+        if rec is None or not rec.expired(time.time() if now is None else now):
+            return None
+        try:
+            after = os.lstat(path)
+            if (after.st_ino, after.st_ctime_ns) != (before.st_ino, before.st_ctime_ns):
+                return None
+            os.unlink(path)
+        except FileNotFoundError:
+            return None  # someone else (the daemon, another command) removed it first
+        return rec
+
+    def set_admin(self, drain: bool, reason: str, *, until: float | None = None) -> AdminRecord:
+        """Record an admin block (replacing any earlier one), owned like the directory, mode
+        0600; ``until`` (UNIX time) makes it a timed block that lifts itself then."""
+        rec = AdminRecord(drain, reason, time.time(), until)
+        data = asdict(rec)
+        if until is None:
+            del data["until"]  # an untimed record reads the same to an older agent
+        self._write(ADMIN_FILE, data)
         return rec
 
     def clear_admin(self) -> bool:

@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from tests.netns import wait_for
-from tests.testbed.cluster import CHAIN, Cluster, Reply, Server, http_get, install_signal_handlers
+from tests.testbed.cluster import (
+    CHAIN,
+    GATEWAY_KINDS,
+    Cluster,
+    Reply,
+    Server,
+    http_get,
+    install_signal_handlers,
+)
 from tests.testbed.load import Record, read_records, summarize
 from tests.testbed.scenario import RecordTail
 
@@ -107,7 +115,7 @@ def _agent_event(srv: Server, action: str) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
-def demo(n_servers: int, agents: bool, rate: float) -> int:
+def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy") -> int:
     """Run the narrated demo; returns 0 once every step has run and the cluster is gone."""
     install_signal_handlers()
     started = time.monotonic()
@@ -119,12 +127,14 @@ def demo(n_servers: int, agents: bool, rate: float) -> int:
         print(f"{_RED}Agents are OFF{_RESET}: this run shows what users get without them.")
     print("Press Ctrl-C at any time: everything is torn down.")
 
+    gw_text = ("HAProxy (round robin with retries and redispatch, no health checks" if
+               gateway == "haproxy" else
+               "nginx (round robin, next server on a connect error, passive health only")
     _step(1, "Build the cluster",
-          "a client, a gateway running HAProxy (round robin with retries and redispatch, no "
-          "health checks",
+          f"a client, a gateway running {gw_text}",
           "of its own, like the Access Gateway) and servers, each running a fake SSL VPN "
           "service" + (" and the agent." if agents else "."))
-    with Cluster(n_servers, agents=agents) as c:
+    with Cluster(n_servers, agents=agents, gateway=gateway) as c:
         _say(f"ready in {time.monotonic() - started:.1f} s; the client talks to {c.url}")
         for s in c.servers:
             _say(f"{s.name}: {s.addr}:{s.port}, SSL VPN core pid {s.core_pid()}"
@@ -219,12 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--agents", action=argparse.BooleanOptionalAction, default=True,
                    help="run the agent on each server (--no-agents: see the 503s without it)")
     d.add_argument("--rate", type=float, default=100.0, help="client requests per second")
+    d.add_argument("--gateway", choices=GATEWAY_KINDS, default="haproxy",
+                   help="the load balancer in front of the servers (default haproxy)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("the demo makes network namespaces: run it as root", file=sys.stderr)
         return 69
     try:
-        return demo(a.servers, a.agents, a.rate)
+        return demo(a.servers, a.agents, a.rate, a.gateway)
     except KeyboardInterrupt:
         print("\ninterrupted: every process stopped and every namespace deleted.",
               file=sys.stderr)

@@ -42,6 +42,7 @@ from tests.testbed import fakesvc
 
 __all__ = [
     "CHAIN",
+    "GATEWAY_KINDS",
     "Cluster",
     "Reply",
     "Server",
@@ -50,6 +51,7 @@ __all__ = [
     "http_get",
     "install_signal_handlers",
     "render_haproxy_cfg",
+    "render_nginx_conf",
     "socket_in",
 ]
 
@@ -184,6 +186,53 @@ def _agent_check_opts(agent_check: tuple[int, str] | None) -> str:
         return ""
     port, inter = agent_check
     return f" agent-check agent-port {port} agent-inter {inter}"
+
+
+GATEWAY_KINDS = ("haproxy", "nginx")
+# nginx's passive health: one refused connect marks a server unavailable for NGINX_FAIL_TIMEOUT;
+# then one request tries it again. Short, so a recovered server is back well within the
+# scenario's back_timeout_s (the agent, not nginx, keeps clients off a down server).
+NGINX_FAIL_TIMEOUT = "1s"
+NGINX_BACKLOG = 4096  # the client load (150-200 requests/s) never fills it
+
+
+def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdir: Path) -> str:
+    """nginx configuration: round robin over ``(name, addr, port)``, the next server on a
+    connect error or timeout (never on a 503), a short connect timeout, every file in
+    ``workdir``, listening on ``bind`` only, in the foreground."""
+    tmp = workdir / "nginx-tmp"
+    lines = [
+        "daemon off;",
+        "master_process on;",
+        "worker_processes 1;",
+        f"pid {workdir / 'nginx.pid'};",
+        f"error_log {workdir / 'nginx-error.log'} info;",
+        "events { worker_connections 4096; }",
+        "http {",
+        f"    access_log {workdir / 'nginx-access.log'};",
+        *(f"    {kind}_temp_path {tmp / kind};"
+          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
+        "    upstream sslvpn {",
+        *(f"        server {addr}:{port} max_fails=1 fail_timeout={NGINX_FAIL_TIMEOUT};  # {name}"
+          for name, addr, port in servers),
+        "    }",
+        "    server {",
+        f"        listen {bind}:{GATEWAY_PORT} backlog={NGINX_BACKLOG};",
+        "        location / {",
+        "            proxy_pass http://sslvpn;",
+        # Not http_503: a server answering 503 is exactly what the agent exists to hide.
+        "            proxy_next_upstream error timeout;",
+        "            proxy_next_upstream_tries 3;",
+        "            proxy_connect_timeout 100ms;",
+        "            proxy_read_timeout 2s;",
+        "            proxy_send_timeout 2s;",
+        "            proxy_max_temp_file_size 0;",
+        "        }",
+        "    }",
+        "}",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreachable") -> str:
@@ -362,9 +411,16 @@ class Cluster:
                  workdir: Path | None = None, port: int = 8080, bind: str = "0.0.0.0",
                  http_mode: str = "server-close", ready_timeout: float = 10.0,
                  agent_ready: Callable[[Server], bool] | None = None,
-                 agent_check: tuple[int, str] | None = None) -> None:
+                 agent_check: tuple[int, str] | None = None,
+                 gateway: str = "haproxy") -> None:
         if not 1 <= n_servers <= 9:
             raise ValueError("n_servers must be between 1 and 9")
+        if gateway not in GATEWAY_KINDS:
+            raise ValueError(f"gateway must be one of {GATEWAY_KINDS}, got {gateway!r}")
+        if gateway == "nginx" and http_mode != "server-close":
+            raise ValueError("the nginx gateway closes each server connection (server-close)")
+        self.gateway_kind = gateway
+        self.nginx: subprocess.Popen[bytes] | None = None
         self.n_servers = n_servers
         self.agents = agents
         self.agent_argv_factory = agent_argv_factory
@@ -425,18 +481,44 @@ class Cluster:
                           "--bind", self.bind], stdin=subprocess.DEVNULL, stdout=log,
                          stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
             self.servers.append(srv)
-        self.haproxy_cfg.write_text(render_haproxy_cfg(
-            [(s.name, s.addr, s.port) for s in self.servers], GATEWAY_CLIENT_ADDR,
-            self.haproxy_sock, self.http_mode, self.agent_check))
-        with open(self.haproxy_log, "ab") as log:
-            self.haproxy = gw.popen(["haproxy", "-f", str(self.haproxy_cfg), "-db"],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        if self.gateway_kind == "nginx":
+            self._start_nginx(gw)
+        else:
+            self.haproxy_cfg.write_text(render_haproxy_cfg(
+                [(s.name, s.addr, s.port) for s in self.servers], GATEWAY_CLIENT_ADDR,
+                self.haproxy_sock, self.http_mode, self.agent_check))
+            with open(self.haproxy_log, "ab") as log:
+                self.haproxy = gw.popen(["haproxy", "-f", str(self.haproxy_cfg), "-db"],
+                                        stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT)
         for srv in self.servers:
             wait_for(functools.partial(_answers_ok, srv), self.ready_timeout,
                      f"{srv.name} answering 200")
         wait_for(self._haproxy_serves, self.ready_timeout, "HAProxy answering through the gateway")
         if self.agents:
             self.start_agents()
+
+    def _start_nginx(self, gw: Netns) -> None:
+        """Write the nginx configuration and start Debian's nginx in the gateway namespace."""
+        conf = self.workdir / "nginx.conf"
+        conf.write_text(render_nginx_conf([(s.name, s.addr, s.port) for s in self.servers],
+                                          GATEWAY_CLIENT_ADDR, self.workdir))
+        (self.workdir / "nginx-tmp").mkdir(exist_ok=True)
+        # -e: the error log before the configuration is read (never the system's /var/log/nginx)
+        argv = ["nginx", "-p", str(self.workdir), "-c", str(conf),
+                "-e", str(self.workdir / "nginx-error.log")]
+        with open(self.workdir / "nginx.log", "ab") as log:
+            self.nginx = gw.popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                  stderr=subprocess.STDOUT)
+
+        def started() -> bool:  # nginx writes its PID file once it listens
+            if self.nginx is not None and self.nginx.poll() is not None:
+                raise RuntimeError(f"nginx exited {self.nginx.returncode}: "
+                                   + (self.workdir / "nginx-error.log").read_text()[-2000:])
+            return (self.workdir / "nginx.pid").exists()
+        # Serving is waited for with HAProxy's check below, once the servers answer: a request
+        # sent earlier would mark them failed for fail_timeout.
+        wait_for(started, self.ready_timeout, "nginx listening in the gateway namespace")
 
     def _haproxy_serves(self) -> bool:
         if self.haproxy is not None and self.haproxy.poll() is not None:

@@ -173,3 +173,54 @@ def test_config_before_subcommand_is_honoured(tmp_path: Path, capsys: pytest.Cap
     cfg = _write(tmp_path, "[service]\nport = 0\n")
     assert main(["--config", str(cfg), "config-check"]) == EX_CONFIG
     assert str(cfg) in capsys.readouterr().err
+
+
+def _state_cfg(tmp_path: Path) -> tuple[Path, Path]:
+    state = tmp_path / "state"
+    return _write(tmp_path, f'[state]\ndir = "{state}"\n'), state
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["block", "--wait"], "--wait needs --drain"),
+    (["block", "--drain", "--timeout", "5"], "--timeout needs --wait"),
+    (["block", "--timeout", "5"], "--timeout needs --wait"),
+    (["block", "--for", "90"], "90s, 30m, 2h"),
+    (["block", "--drain", "--for", "1.5h"], "90s, 30m, 2h"),
+    (["block", "--for", "0s"], "longer than 0s"),
+])
+def test_block_usage_errors_exit_2_naming_the_problem_and_record_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], words: str) -> None:
+    """--wait without --drain, --timeout without --wait and a bad --for are exit 2 with a
+    message naming the problem; no admin record is written (the state directory stays absent)."""
+    cfg, state = _state_cfg(tmp_path)
+    assert main([*argv, "--config", str(cfg)]) == EX_USAGE
+    assert words in capsys.readouterr().err
+    assert not state.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf"])
+def test_bad_timeout_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      value: str) -> None:
+    """--timeout takes a positive finite number of seconds; anything else is exit 2 naming it."""
+    cfg, state = _state_cfg(tmp_path)
+    assert main(["block", "--drain", "--wait", "--timeout", value, "--config", str(cfg)]) == EX_USAGE
+    assert "--timeout" in capsys.readouterr().err
+    assert not state.exists()
+
+
+def test_check_nagios_bad_config_is_unknown_3_naming_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check --nagios with an invalid configuration prints one UNKNOWN line naming the key and
+    exits 3 (the plugin API), where every other command exits 78."""
+    cfg = _write(tmp_path, "[probe]\nrise = 0\n")
+    assert main(["check", "--nagios", "--config", str(cfg)]) == 3
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("SSLVPN-HEARTBEAT UNKNOWN - configuration error")
+    assert "probe.rise" in out[0]
+    assert main(["check", "--config", str(cfg)]) == EX_CONFIG
+
+
+def test_check_nagios_bad_arguments_are_unknown_3(capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown option next to check --nagios exits 3 with an UNKNOWN line, not argparse's 2."""
+    assert main(["check", "--nagios", "--bogus"]) == 3
+    assert capsys.readouterr().out.startswith("SSLVPN-HEARTBEAT UNKNOWN - ")

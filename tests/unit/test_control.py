@@ -134,7 +134,7 @@ def test_admin_block_overrides_health_and_unblock_returns_to_it() -> None:
     assert sets(acts) == [Mode.DRAIN] and "admin-block" in logged(acts)
     s, acts = settle(s, probed(False, DEATH))
     assert s.health is Health.DOWN and not sets(acts)
-    s, acts = settle(s, AdminRead(HINT, None, expired=True))
+    s, acts = settle(s, AdminRead(HINT, None, expired=T0 / 1e9))
     assert sets(acts) == [Mode.BLOCK]
     unblock = next(a for a in acts if isinstance(a, Log) and a.event == "admin-unblock")
     assert unblock.fields["reason"] == "expired"

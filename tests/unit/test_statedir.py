@@ -59,3 +59,47 @@ def test_any_admin_json_object_reads_without_raising(tmp_path: Path, data: dict[
              and type(data.get("since", 0.0)) in (int, float))
     if not typed:
         assert not got.drain and "malformed" in got.reason
+
+
+def test_timed_block_stores_until_and_counts_as_none_once_expired(tmp_path: Path) -> None:
+    """set_admin(until=T) stores T; admin() returns it before T and None from T on, while
+    admin_record() still reads the stored record."""
+    sd = StateDir(tmp_path)
+    rec = sd.set_admin(True, "kernel upgrade", until=1000.0)
+    assert json.loads((tmp_path / ADMIN_FILE).read_text())["until"] == 1000.0
+    assert sd.admin(now=999.9) == rec
+    assert rec.remaining(999.0) == 1.0
+    assert sd.admin(now=1000.0) is None
+    assert sd.admin_record() == rec and rec.remaining(2000.0) == 0.0
+
+
+def test_untimed_record_has_no_until_key(tmp_path: Path) -> None:
+    """An untimed block is written without ``until`` and never expires."""
+    sd = StateDir(tmp_path)
+    rec = sd.set_admin(False, "")
+    assert "until" not in json.loads((tmp_path / ADMIN_FILE).read_text())
+    assert rec.until is None and rec.remaining(1e12) is None
+    assert sd.admin(now=1e12) == rec
+    assert sd.expire_admin(now=1e12) is None and (tmp_path / ADMIN_FILE).exists()
+
+
+def test_expire_admin_removes_only_an_expired_record(tmp_path: Path) -> None:
+    """expire_admin leaves a live timed block, removes an expired one once and returns it."""
+    sd = StateDir(tmp_path)
+    rec = sd.set_admin(False, "x", until=50.0)
+    assert sd.expire_admin(now=49.0) is None and (tmp_path / ADMIN_FILE).exists()
+    assert sd.expire_admin(now=50.0) == rec
+    assert not (tmp_path / ADMIN_FILE).exists()
+    assert sd.expire_admin(now=50.0) is None
+
+
+@given(st.one_of(st.booleans(), st.text(max_size=5), st.just(float("nan")),
+                 st.just(float("inf")), st.lists(st.integers(), max_size=2)))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_bad_until_is_a_full_untimed_block(tmp_path: Path, until: Any) -> None:
+    """An ``until`` that is not a finite number makes the record a full block that never
+    expires (fail safe), never a crash."""
+    (tmp_path / ADMIN_FILE).write_text(json.dumps({"drain": True, "reason": "", "since": 1.0,
+                                                   "until": until}))
+    got = StateDir(tmp_path).admin(now=1e12)
+    assert got is not None and not got.drain and got.until is None

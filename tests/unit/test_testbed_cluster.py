@@ -61,3 +61,33 @@ def test_reply_ok_and_server() -> None:
     assert Reply(200, "server2\n").ok and Reply(200, "server2\n").server == "server2"
     assert not Reply(503, "server1 down\n").ok and Reply(503, "server1 down\n").server == "server1"
     assert Reply(0, "error: ConnectionRefusedError").server == ""
+
+
+def test_nginx_conf_retries_on_errors_only_with_short_connect_and_local_files(tmp_path: Path) -> None:
+    """nginx: next upstream on error/timeout (no 503), 100ms connect, every server with
+    max_fails/fail_timeout, listening on the gateway address with a backlog, files in workdir."""
+    from tests.testbed.cluster import NGINX_BACKLOG, render_nginx_conf
+
+    text = render_nginx_conf([("server1", "10.200.1.2", 8080), ("server2", "10.200.2.2", 8080)],
+                             "10.200.0.1", tmp_path)
+    lines = [ln.strip() for ln in text.splitlines()]
+    for want in ("daemon off;", "proxy_pass http://sslvpn;", "proxy_next_upstream error timeout;",
+                 "proxy_connect_timeout 100ms;", f"listen 10.200.0.1:80 backlog={NGINX_BACKLOG};",
+                 f"pid {tmp_path / 'nginx.pid'};"):
+        assert want in lines, want
+    servers = [ln for ln in lines if ln.startswith("server 10.200.")]
+    assert [s.split()[1] for s in servers] == ["10.200.1.2:8080", "10.200.2.2:8080"]
+    assert all("max_fails=1" in s and "fail_timeout=" in s for s in servers)
+    assert "503" not in text
+    paths = [w.rstrip(";") for ln in lines for w in ln.split() if w.startswith("/") and w != "/"]
+    assert paths and all(p.startswith(str(tmp_path)) for p in paths), paths
+
+
+def test_cluster_refuses_an_unknown_gateway_kind() -> None:
+    """gateway= is haproxy or nginx; nginx only with server-close."""
+    from tests.testbed.cluster import Cluster
+
+    with pytest.raises(ValueError, match="gateway"):
+        Cluster(2, gateway="envoy")
+    with pytest.raises(ValueError, match="server-close"):
+        Cluster(2, gateway="nginx", http_mode="keep-alive")
