@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rules.base import Backend
-from rules.errors import BackendUnavailable, LockContention, ReadBackMismatch, TransactionFailed
+from rules.errors import BackendUnavailable, ForeignChain, LockContention, ReadBackMismatch, TransactionFailed
 from rules.model import ChainSpec, Family, Mode
-from rules.render import TableState, desired_state, plan_apply, plan_remove
+from rules.render import TableState, desired_state, foreign_conflict, plan_apply, plan_remove
 
 __all__ = ["ApplyReport", "EventLog", "Firewall"]
 
@@ -91,6 +91,7 @@ class Firewall:
         self._families: tuple[Family, ...] | None = None
         self._known: dict[Family, TableState] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._owned = False  # check_ownership() passed once
 
     @property
     def families(self) -> tuple[Family, ...]:
@@ -121,6 +122,17 @@ class Firewall:
         """The kernel's state of our chain in each family."""
         return {f: self.backend.read(f, self.spec.name) for f in self.families}
 
+    def check_ownership(self) -> dict[Family, TableState]:
+        """Read every family; raise ForeignChain, having changed nothing, if the chain holds or
+        is referenced by anything the agent never writes. The one place that check is made."""
+        states = self.read()
+        conflicts = tuple(c for f, st in states.items()
+                          if (c := foreign_conflict(st, self.spec.name, f)) is not None)
+        if conflicts:
+            raise ForeignChain(self.spec.name, conflicts)
+        self._owned = True
+        return states
+
     def ensure(self, mode: Mode, *, force: bool = False, fresh: bool = True) -> ApplyReport:
         """Make every family hold ``mode``: one transaction each where needed, then read back.
 
@@ -129,8 +141,11 @@ class Firewall:
         fails as a whole and is retried from a fresh read. Families are done concurrently when
         the backend allows it. Raises ReadBackMismatch if the kernel then disagrees,
         LockContention when the xtables lock stayed busy through every retry,
-        TransactionFailed when iptables refused.
+        TransactionFailed when iptables refused, ForeignChain (before any change) on the
+        first call when the chain is someone else's.
         """
+        if not self._owned:
+            self.check_ownership()
         fams = self.families
         if len(fams) > 1 and getattr(self.backend, "parallel_safe", False):
             if self._pool is None:
@@ -204,7 +219,9 @@ class Firewall:
             close()
 
     def remove(self) -> ApplyReport:
-        """Delete our jumps and our chain in every family; read back that both are gone."""
+        """Delete our jumps and our chain in every family; read back that both are gone.
+        Raises ForeignChain, before any change, when the chain is someone else's."""
+        self.check_ownership()
         changed: list[Family] = []
         tx = 0
         for fam in self.families:

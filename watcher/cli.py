@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rules.errors import BackendUnavailable, LockContention, RulesError
+from rules.errors import BackendUnavailable, ForeignChain, LockContention, RulesError
 from rules.firewall import Firewall
 from rules.model import ChainSpec, Mode
+from rules.render import foreign_conflict
 from rules.select import make_backend
 from watcher import __version__
 from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -113,6 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "rules": list(s.rules),
                 "jumps": len(s.jumps),
                 "jump_positions": list(s.jumps),
+                "foreign": foreign_conflict(s, cfg.firewall.chain, f),
             }
             for f, s in states.items()
         },
@@ -128,6 +130,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         where = ",".join(map(str, info["jump_positions"])) or "-"
         print(f"  {fam}: {info['state']:<8} jumps from INPUT: {info['jumps']} "
               f"(position {where})  [{info['flavour']}]")
+        if info["foreign"]:
+            print(f"    someone else's chain, the agent will not touch it: {info['foreign']}")
     if admin is None:
         print("admin block: none")
     else:
@@ -160,6 +164,7 @@ def cmd_block(args: argparse.Namespace) -> int:
 def cmd_unblock(args: argparse.Namespace) -> int:
     """Lift the admin block; with no daemon running, open the chain too."""
     cfg, log, fw = _firewall_command(args)
+    fw.check_ownership()  # a foreign chain: exit 78, the record kept, even with a daemon running
     sd = StateDir(cfg.state.dir)
     daemon = sd.daemon()
     if daemon is None:
@@ -187,8 +192,23 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Validate the configuration file and say so."""
-    load_config(args.config)
+    """Validate the configuration file and say so; on a live system (CAP_NET_ADMIN, iptables
+    there) also refuse a chain that belongs to someone else (ForeignChain, exit 78)."""
+    cfg = load_config(args.config)
+    if _has_cap_net_admin():
+        try:
+            fw = build_firewall(cfg)
+        except BackendUnavailable as exc:
+            print(f"firewall not checked: {exc}", file=sys.stderr)
+        else:
+            try:
+                fw.check_ownership()
+            except ForeignChain:
+                raise
+            except RulesError as exc:
+                print(f"firewall not checked: {exc}", file=sys.stderr)
+            finally:
+                fw.close()
     print(f"{args.config}: ok")
     return EX_OK
 
@@ -292,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LockContention as exc:
         print(f"sslvpn-heartbeat: firewall busy: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
+    except ForeignChain as exc:
+        print(f"sslvpn-heartbeat: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except RulesError as exc:
         print(f"sslvpn-heartbeat: firewall change failed: {exc}", file=sys.stderr)
         return EX_TEMPFAIL

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rules.errors import RulesError
+from rules.errors import ForeignChain, RulesError
 from rules.firewall import ApplyReport, Firewall
 from rules.model import Mode as RuleMode
 from watcher import health
@@ -383,7 +383,12 @@ class Daemon:
         self.log.info("agent-start", pid_file=str(self.cfg.service.pid_file),
                       port=self.cfg.service.port, chain=self.cfg.firewall.chain,
                       backend=self._fw.backend.name)
-        await loop.run_in_executor(self._exec, lambda: self._fw.families)
+        try:  # a chain of someone else's: refuse at start (exit 78), having changed nothing
+            await loop.run_in_executor(self._exec, self._fw.check_ownership)
+        except ForeignChain as exc:
+            self.log.error("config-invalid", reason=str(exc), path=str(self._config_path))
+            await loop.run_in_executor(self._exec, self._fw.close)
+            raise
         with contextlib.suppress(OSError):
             self._state.ensure()
         self._start_process_sources(loop)

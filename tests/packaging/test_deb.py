@@ -194,8 +194,10 @@ def test_cli_runs_from_private_dir(installed: Installed) -> None:
 
 
 def test_config_check_accepts_shipped_config(installed: Installed) -> None:
-    """`config-check` accepts the shipped /etc/sslvpn-heartbeat/config.toml."""
-    proc = run([str(COMMAND), "config-check", "--config", "/etc/sslvpn-heartbeat/config.toml"])
+    """`config-check` accepts the shipped /etc/sslvpn-heartbeat/config.toml (in a namespace: as
+    root it also reads the firewall, for a chain of someone else's)."""
+    proc = installed.ns.run([str(COMMAND), "config-check", "--config", str(CONFIG)],
+                            env=CLEAN_ENV, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -203,7 +205,8 @@ def test_config_check_rejects_bad_config_with_78(installed: Installed, tmp_path:
     """A bad key makes config-check exit 78 and name the key (the init script relies on it)."""
     bad = tmp_path / "bad.toml"
     bad.write_text("[service]\nport = 0\n")
-    proc = run([str(COMMAND), "config-check", "--config", str(bad)])
+    proc = installed.ns.run([str(COMMAND), "config-check", "--config", str(bad)], env=CLEAN_ENV,
+                            check=False)
     assert proc.returncode == 78
     assert "service.port" in proc.stdout + proc.stderr
 
