@@ -290,11 +290,18 @@ def test_journal_priorities_show_warnings_and_errors_only(baseline: Container) -
     refused SIGHUP above, proc-connector-unavailable at each start) and none of its info lines:
     each line reaches journald with its own priority."""
     c = baseline
-    agent_lines = [e for e in journal(c, "-p", "warning") if "event" in e]
-    levels = {e["event"]["log.level"] for e in agent_lines}
-    actions = {e["event"]["event.action"] for e in agent_lines}
-    assert "config-invalid" in actions and "proc-connector-unavailable" in actions, actions
-    assert levels <= {"warning", "error", "critical"}, levels
+    every = [e for e in journal(c) if "event" in e]
+    logged = {(e["event"]["event.action"], e["event"]["log.level"], e.get("PRIORITY"))
+              for e in every if e["event"]["log.level"] in ("warning", "error")}
+    assert {a for a, _, _ in logged} >= {"config-invalid", "proc-connector-unavailable"}, logged
+    # journald's priorities: 3 err, 4 warning (6 info is what a plain stdout line gets)
+    want = {"warning": "4", "error": "3"}
+    wrong = {(a, lvl, prio) for a, lvl, prio in logged if prio != want[lvl]}
+    assert not wrong, f"the agent's lines reached journald without their priority: {wrong}"
+    shown = [e for e in journal(c, "-p", "warning") if "event" in e]
+    actions = {e["event"]["event.action"] for e in shown}
+    assert {"config-invalid", "proc-connector-unavailable"} <= actions, actions
+    assert {e["event"]["log.level"] for e in shown} <= {"warning", "error", "critical"}
 
 
 def test_systemd_analyze_security(baseline: Container) -> None:
