@@ -377,6 +377,22 @@ def test_legacy_iptables(baseline: Container) -> None:
              f" && systemctl start {AGENT}")
 
 
+def test_start_limit_an_operator_meets(baseline: Container) -> None:
+    """Ten starts by hand within a minute are all honoured; the eleventh meets the start limit
+    (start-limit-hit) until `systemctl reset-failed`, as README says."""
+    c = baseline
+    c.run(["systemctl", "reset-failed", AGENT])  # this session's earlier starts count too
+    for i in range(10):
+        proc = c.run(["systemctl", "restart", AGENT], check=False)
+        assert proc.returncode == 0, f"restart {i + 1}: {proc.stderr}"
+    proc = c.run(["systemctl", "restart", AGENT], check=False)
+    assert proc.returncode != 0 and show(c, "Result") == "start-limit-hit", proc.stderr
+    c.run(["systemctl", "reset-failed", AGENT])
+    c.run(["systemctl", "start", AGENT])
+    assert active(c)
+    c.run(["systemctl", "reset-failed", AGENT])  # the steps below start it again
+
+
 # --- upgrade, removal ---------------------------------------------------------------------------
 
 
