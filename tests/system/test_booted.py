@@ -377,6 +377,43 @@ def test_legacy_iptables(baseline: Container) -> None:
              f" && systemctl start {AGENT}")
 
 
+def saved_rules(c: Container) -> list[str]:
+    """Every table of both families as iptables-save prints them, with counters, comments
+    (the time stamps) dropped."""
+    return ["\n".join(ln for ln in c.run([save, "-c"]).stdout.splitlines() if not ln.startswith("#"))
+            for save in ("iptables-save", "ip6tables-save")]
+
+
+def test_foreign_chain_is_refused_under_systemd(baseline: Container) -> None:
+    """Another tool's chain of the configured name: the unit fails to start with exit 78 and is
+    not restarted, block refuses it too, the journal names the chain, and both families' rules
+    stay byte for byte."""
+    c = baseline
+    c.run(["systemctl", "stop", AGENT])
+    c.run([AGENT, "cleanup"])
+    foreign = (f"*filter\n:{CHAIN} - [0:0]\n-A INPUT -j {CHAIN}\n"
+               f"-A {CHAIN} -s 198.51.100.0/24 -j ACCEPT\nCOMMIT\n")
+    c.run(["iptables-restore", "--noflush"], input=foreign)
+    c.run(["ip6tables-restore", "--noflush"], input=foreign.replace("198.51.100.0/24",
+                                                                    "2001:db8::/32"))
+    before = saved_rules(c)
+    cur = cursor(c)
+    try:
+        proc = c.run(["systemctl", "start", AGENT], check=False)
+        assert proc.returncode != 0
+        assert show(c, "ExecMainStatus") == "78" and show(c, "SubState") == "failed", \
+            show(c, "SubState")
+        refused = since(c, cur, "config-invalid")
+        assert refused and f"chain {CHAIN} belongs to someone else" in refused[0]["event.reason"]
+        block = c.run([AGENT, "block"], check=False)
+        assert block.returncode == 78 and "198.51.100.0/24" in block.stderr, block.stderr
+        assert saved_rules(c) == before
+    finally:
+        for prog in ("iptables", "ip6tables"):
+            c.sh(f"{prog} -D INPUT -j {CHAIN}; {prog} -F {CHAIN}; {prog} -X {CHAIN}", check=False)
+        c.run(["systemctl", "reset-failed", AGENT])
+
+
 def test_start_limit_an_operator_meets(baseline: Container) -> None:
     """Ten starts by hand within a minute are all honoured; the eleventh meets the start limit
     (start-limit-hit) until `systemctl reset-failed`, as README says."""
