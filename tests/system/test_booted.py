@@ -232,6 +232,9 @@ def test_good_reload_applies_and_bad_reload_fails(baseline: Container) -> None:
     assert f"Job for {UNIT} failed" in proc.stderr, proc.stderr
     assert main_pid(c) == pid and active(c)
     assert not since(c, cur, "config-reload")
+    # what systemctl status shows: config-check's message naming the key
+    told = c.run(["journalctl", "--no-pager", "-b", "-u", UNIT, f"--after-cursor={cur}"]).stdout
+    assert "service.port" in told, told
     # still the running configuration: port 8080 is blocked when the service stops
     c.run(["systemctl", "stop", "novell-sslvpn"])
     wait_for(lambda: blocked(c), 10, "the REJECT rule of the running configuration")
