@@ -389,6 +389,8 @@ class Daemon:
             self.log.error("config-invalid", reason=str(exc), path=str(self._config_path))
             await loop.run_in_executor(self._exec, self._fw.close)
             raise
+        except RulesError:
+            pass  # a read that failed now: the first apply checks again and is retried
         with contextlib.suppress(OSError):
             self._state.ensure()
         self._start_process_sources(loop)
