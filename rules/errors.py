@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailable",
+    "ForeignChain",
     "LockContention",
     "ReadBackMismatch",
     "RuleError",
@@ -31,6 +32,20 @@ class TransactionFailed(RulesError):
         self.stderr = stderr
         self.returncode = returncode
         super().__init__(f"{message}: {stderr.strip()}" if stderr.strip() else message)
+
+
+class ForeignChain(RulesError):
+    """The configured chain exists and holds, or is referenced by, rules the agent never writes:
+    it belongs to someone else, and nothing was changed in either address family."""
+
+    def __init__(self, chain: str, conflicts: tuple[str, ...]) -> None:
+        self.chain = chain
+        self.conflicts = conflicts
+        super().__init__(
+            f"chain {chain} belongs to someone else, nothing was changed ("
+            + "; ".join(conflicts)
+            + "): set firewall.chain to a name no other tool uses"
+        )
 
 
 class LockContention(TransactionFailed):

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from rules.base import Backend
-from rules.errors import BackendUnavailable, LockContention, ReadBackMismatch, TransactionFailed
+from rules.errors import BackendUnavailable, ForeignChain, LockContention, ReadBackMismatch, TransactionFailed
 from rules.model import ChainSpec, Family, Mode
-from rules.render import TableState, desired_state, plan_apply, plan_remove
+from rules.render import TableState, desired_state, foreign_conflict, plan_apply, plan_remove
 
 __all__ = ["ApplyReport", "EventLog", "Firewall"]
 
@@ -87,6 +87,7 @@ class Firewall:
         self.families: tuple[Family, ...] = ()  # set by detect_families()
         self._known: dict[Family, TableState] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._owned = False  # check_ownership() passed once
 
     def detect_families(self) -> tuple[Family, ...]:
         """Read each family once: IPv4, plus IPv6 when configured and present (its absence is
@@ -121,6 +122,17 @@ class Firewall:
         """The kernel's state of our chain in each family."""
         return {f: self.backend.read(f, self.spec.name) for f in self._fams()}
 
+    def check_ownership(self) -> dict[Family, TableState]:
+        """Read every family; raise ForeignChain, having changed nothing, if the chain holds or
+        is referenced by anything the agent never writes. The one place that check is made."""
+        states = self.read()
+        conflicts = tuple(c for f, st in states.items()
+                          if (c := foreign_conflict(st, self.spec.name, f)) is not None)
+        if conflicts:
+            raise ForeignChain(self.spec.name, conflicts)
+        self._owned = True
+        return states
+
     def _wait_s(self, deadline_ns: int | None) -> float:
         """Seconds left before ``deadline_ns`` (monotonic), at least a little; the backend's
         own bound when there is no deadline."""
@@ -136,8 +148,11 @@ class Firewall:
         done concurrently when the backend allows it. No transaction outlives ``deadline_ns``
         (monotonic): a lock wait past it fails. Raises ReadBackMismatch if the kernel then
         disagrees, LockContention when the xtables lock stayed busy, TransactionFailed when
-        iptables refused; after any failure the next call plans from a fresh read.
+        iptables refused; after any failure the next call plans from a fresh read;
+        ForeignChain (before any change) on the first call when the chain is someone else's.
         """
+        if not self._owned:
+            self.check_ownership()
         fams = self._fams()
         if len(fams) > 1 and self.backend.parallel_safe:
             if self._pool is None:
@@ -198,7 +213,9 @@ class Firewall:
         self.backend.close()
 
     def remove(self, *, deadline_ns: int | None = None) -> ApplyReport:
-        """Delete our jumps and our chain in every family; read back that both are gone."""
+        """Delete our jumps and our chain in every family; read back that both are gone.
+        Raises ForeignChain, before any change, when the chain is someone else's."""
+        self.check_ownership()
         changed: list[Family] = []
         for fam in self._fams():
             observed = self.backend.read(fam, self.spec.name)

@@ -95,15 +95,16 @@ class IptcBackend:
                 return TableState(False, (), self._jumps(table, chain), 0)
             rules = tuple(self._save_form(family, chain, r)
                           for r in self._iptc.Chain(table, chain).rules)
-            refs = 0
+            refs: list[str] = []
             for ch in table.chains:
                 if ch.name == chain:
                     continue
                 for r in ch.rules:
                     if r.target is not None and r.target.name == chain and not (
                         ch.name == "INPUT" and self._plain(r)):
-                        refs += 1
-            return TableState(True, rules, self._jumps(table, chain), refs)
+                        refs.append(f"-A {ch.name} (a rule with conditions) -j {chain}")
+            return TableState(True, rules, self._jumps(table, chain), len(refs),
+                              reference_rules=tuple(refs))
         except self._iptc.IPTCError as exc:
             raise TransactionFailed(f"libiptc read failed: {exc}") from None
 

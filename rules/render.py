@@ -8,6 +8,7 @@ Nothing here runs a command. ``parse_save`` reads ``iptables-save -t filter`` ou
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field
 
 from rules.errors import RulesError
@@ -17,6 +18,8 @@ __all__ = [
     "Plan",
     "TableState",
     "desired_state",
+    "foreign_conflict",
+    "is_own_rule",
     "parse_save",
     "plan_apply",
     "plan_remove",
@@ -30,7 +33,8 @@ class TableState:
 
     ``rules`` are the chain's rules in save form (without ``-A CHAIN``); ``jumps`` the 1-based
     positions in INPUT of the plain jump ``-A INPUT -j CHAIN``; ``references`` counts every other
-    rule of any chain that jumps to our chain (those are not ours to remove).
+    rule of any chain that jumps to our chain (those are not ours to remove), and
+    ``reference_rules`` those rules as saved (``-A OTHER ... -j CHAIN``).
     """
 
     chain_present: bool
@@ -40,6 +44,7 @@ class TableState:
     # Built-in chains' headers as saved, e.g. ":INPUT ACCEPT [11:2222]"; legacy x_tables resets
     # their counters on every table replacement, so a legacy plan writes them back.
     policies: tuple[str, ...] = field(default=(), compare=False)
+    reference_rules: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def mode_guess(self) -> str:
@@ -77,6 +82,7 @@ def parse_save(text: str, chain: str) -> TableState:
     rules: list[str] = []
     jumps: list[int] = []
     refs = 0
+    ref_rules: list[str] = []
     policies: list[str] = []
     input_pos = 0
     our_jump = f"-j {chain}"
@@ -113,9 +119,51 @@ def parse_save(text: str, chain: str) -> TableState:
             rules.append(rest)
         elif _targets(rest, chain):
             refs += 1
+            ref_rules.append(line)
     if not seen_filter:
         raise SaveParseError("no *filter table in iptables-save output")
-    return TableState(present, tuple(rules), tuple(jumps), refs, tuple(policies))
+    return TableState(present, tuple(rules), tuple(jumps), refs, tuple(policies), tuple(ref_rules))
+
+
+# Every rule the agent ever writes, in save form: a REJECT of TCP to one port from anywhere but
+# loopback, for all packets (block) or SYN only (drain), with either reject type. Any port: a
+# chain left by a run with another service.port is still the agent's.
+_OWN_RULE = {
+    Family.V4: re.compile(r"! -i lo -p tcp -m tcp --dport \d{1,5}( --tcp-flags FIN,SYN,RST,ACK SYN)? "
+                          r"-j REJECT --reject-with (icmp-port-unreachable|tcp-reset)"),
+    Family.V6: re.compile(r"! -i lo -p tcp -m tcp --dport \d{1,5}( --tcp-flags FIN,SYN,RST,ACK SYN)? "
+                          r"-j REJECT --reject-with (icmp6-port-unreachable|tcp-reset)"),
+}
+
+
+def is_own_rule(rule: str, family: Family) -> bool:
+    """True when ``rule`` (save form, without ``-A CHAIN``) has a shape the agent writes."""
+    return _OWN_RULE[family].fullmatch(rule) is not None
+
+
+def foreign_conflict(state: TableState, chain: str, family: Family) -> str | None:
+    """What makes the chain someone else's in this family, in words; None when it is ours.
+
+    Ours: absent, or holding only rules of the agent's shapes and referenced only by plain
+    jumps from INPUT. Anything else (a rule of another shape, a jump from another chain or
+    with conditions, a goto) belongs to another tool, and the agent must not touch it.
+    """
+    if not state.chain_present:
+        return None
+    parts = []
+    foreign = [r for r in state.rules if not is_own_rule(r, family)]
+    if foreign:
+        shown = ", ".join(repr(f"-A {chain} {r}") for r in foreign[:3])
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        parts.append(f"{len(foreign)} rule(s) the agent never writes: {shown}{more}")
+    if state.references:
+        refs = state.reference_rules or (f"{state.references} rule(s)",)
+        shown = ", ".join(repr(r) for r in refs[:3])
+        more = f" and {len(refs) - 3} more" if len(refs) > 3 else ""
+        parts.append(f"referenced from {shown}{more}")
+    if not parts:
+        return None
+    return f"{family}: " + "; ".join(parts)
 
 
 def desired_state(spec: ChainSpec, family: Family, mode: Mode) -> TableState:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rules.backends import make_backend
+from rules.errors import ForeignChain, RulesError
 from rules.firewall import Firewall
 from rules.model import ChainSpec
 from watcher.config import Config, load_config
@@ -82,8 +83,17 @@ def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str |
     path = config_path if config_given or config_path.exists() else None
     try:
         with instance_lock(cfg.state.dir):
-            fw = build_firewall(cfg, logging_.logger(**{"service.name": cfg.service.name}),
-                                prestart=True)
+            log = logging_.logger(**{"service.name": cfg.service.name})
+            fw = build_firewall(cfg, log, prestart=True)
+            fw.detect_families()
+            try:
+                fw.check_ownership()  # another tool's chain of our name: exit 78, nothing changed
+            except ForeignChain as exc:
+                log.error("config-invalid", reason=str(exc), path=str(path or ""))
+                fw.close()
+                raise
+            except RulesError:
+                pass  # a read that failed now: the first change checks again, and is retried
 
             async def main() -> int:
                 daemon = Daemon(cfg, firewall=fw, logging_=logging_, notifier=Notifier.from_env(),

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rules.errors import LockContention, RulesError
+from rules.errors import BackendUnavailable, ForeignChain, LockContention, RulesError
 from rules.firewall import Firewall
 from rules.model import Mode
+from rules.render import foreign_conflict
 from watcher import __version__
 from watcher.app import build_firewall
 from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -131,6 +132,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "rules": list(s.rules),
                 "jumps": len(s.jumps),
                 "jump_positions": list(s.jumps),
+                "foreign": foreign_conflict(s, cfg.firewall.chain, f),
             }
             for f, s in states.items()
         },
@@ -148,6 +150,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         where = ",".join(map(str, info["jump_positions"])) or "-"
         print(f"  {fam}: {info['state']:<8} jumps from INPUT: {info['jumps']} "
               f"(position {where})  [{info['flavour']}]")
+        if info["foreign"]:
+            print(f"    someone else's chain, the agent will not touch it: {info['foreign']}")
     if admin is None:
         print("admin block: none" + ("" if expired is None else
                                      f" (a timed block expired at {_iso(expired.until or 0)})"))
@@ -245,6 +249,7 @@ def _wait_drained(cfg: Config, log: Any, timeout: float | None) -> int:
 def cmd_unblock(args: argparse.Namespace) -> int:
     """Lift the admin block; with no daemon running, open the chain too."""
     cfg, log, fw = _firewall_command(args)
+    fw.check_ownership()  # a foreign chain: exit 78, the record kept, even with a daemon running
     sd = StateDir(cfg.state.dir)
     _expire_admin(sd, log)
     daemon = sd.daemon()
@@ -273,8 +278,24 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    """Validate the configuration file and say so."""
-    load_config(args.config)
+    """Validate the configuration file and say so; on a live system (CAP_NET_ADMIN, iptables
+    there) also refuse a chain that belongs to someone else (ForeignChain, exit 78)."""
+    cfg = load_config(args.config)
+    if _has_cap_net_admin():
+        try:
+            fw = build_firewall(cfg)
+        except BackendUnavailable as exc:
+            print(f"firewall not checked: {exc}", file=sys.stderr)
+        else:
+            try:
+                fw.detect_families()
+                fw.check_ownership()
+            except ForeignChain:
+                raise
+            except RulesError as exc:
+                print(f"firewall not checked: {exc}", file=sys.stderr)
+            finally:
+                fw.close()
     print(f"{args.config}: ok")
     return EX_OK
 
@@ -448,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _what(exc: BaseException, code: int) -> str:
     """The words before an error's message: what kind of failure the operator is told of."""
-    if isinstance(exc, AgentError):
+    if isinstance(exc, AgentError | ForeignChain):
         return "configuration error: " if code == EX_CONFIG else "error: "
     if isinstance(exc, LockContention):
         return "firewall busy: "

@@ -261,7 +261,6 @@ class Daemon:
         self.log.info("agent-start", pid_file=str(self.cfg.service.pid_file),
                       port=self.cfg.service.port, chain=self.cfg.firewall.chain,
                       backend=self._fw.backend.name)
-        await loop.run_in_executor(self._fw_exec, self._fw.detect_families)
         with contextlib.suppress(OSError):
             self._state.ensure()
         self._outputs.start()

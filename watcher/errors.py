@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from rules.errors import BackendUnavailable, LockContention, ReadBackMismatch, TransactionFailed
+from rules.errors import (
+    BackendUnavailable,
+    ForeignChain,
+    LockContention,
+    ReadBackMismatch,
+    TransactionFailed,
+)
 
 __all__ = [
     "EX_CONFIG",
@@ -62,8 +68,9 @@ def exit_code_of(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, BackendUnavailable):
         return EX_UNAVAILABLE
-    code = getattr(exc, "exit_code", None)  # a rules error that names its own (a foreign chain)
-    return code if isinstance(code, int) else EX_TEMPFAIL
+    if isinstance(exc, ForeignChain):
+        return EX_CONFIG  # the configured chain name is someone else's
+    return EX_TEMPFAIL
 
 
 def is_transient(exc: BaseException) -> bool:

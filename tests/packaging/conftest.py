@@ -32,8 +32,8 @@ def packaging_lock() -> Iterator[None]:
     if os.geteuid() != 0:
         pytest.skip("packaging tests need root (apt, dpkg, network namespaces)")
     missing = [t for t in BUILD_TOOLS if shutil.which(t, path=CLEAN_ENV["PATH"]) is None]
-    if missing:
-        pytest.skip(f"packaging tools missing: {', '.join(missing)} (see scripts/bootstrap)")
+    if missing:  # a project dependency: its absence fails, it never skips
+        pytest.fail(f"packaging tools missing: {', '.join(missing)} (see scripts/bootstrap)")
     LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -124,6 +124,20 @@ def test_unit_is_notify_with_watchdog_and_sandbox() -> None:
         assert fw in u["After"][0].split() and fw in u["PartOf"][0].split()
 
 
+def test_unit_reload_validates_first_and_orders_after_the_service() -> None:
+    """ExecReload= runs config-check before the SIGHUP (a bad file fails the job); the unit is
+    ordered after novell-sslvpn.service without pulling it in; crash loops are bounded."""
+    u = unit_settings(PKG / "sslvpn-heartbeat.service")
+    assert u["ExecReload"] == ["/usr/sbin/sslvpn-heartbeat config-check --config ${CONFIG}",
+                               "/bin/kill -HUP $MAINPID"]
+    after = " ".join(u["After"]).split()
+    assert "novell-sslvpn.service" in after
+    pulls = " ".join(u.get("Requires", []) + u.get("Wants", []) + u.get("BindsTo", [])
+                     + u.get("Requisite", []) + u.get("PartOf", []))
+    assert "novell-sslvpn" not in pulls
+    assert u["StartLimitIntervalSec"] == ["60"] and u["StartLimitBurst"] == ["10"]
+
+
 def test_unit_runs_as_the_agent_user_with_two_ambient_capabilities() -> None:
     """User=/Group= sslvpn-heartbeat; ambient caps equal the bounding set; private state dir."""
     u = unit_settings(PKG / "sslvpn-heartbeat.service")
