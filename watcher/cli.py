@@ -28,6 +28,7 @@ from watcher.errors import (
     AgentError,
     FacilityMissing,
 )
+from watcher.logevents import Event
 from watcher.statedir import StateDir
 
 __all__ = ["EX_TEMPFAIL", "build_firewall", "main"]
@@ -149,7 +150,7 @@ def cmd_block(args: argparse.Namespace) -> int:
     # record behind, so the state directory never claims what the firewall does not hold.
     report = fw.ensure(mode)
     rec = StateDir(cfg.state.dir).set_admin(args.drain, args.reason)
-    log.info("admin-block", reason=rec.reason, drain=rec.drain, trigger="admin",
+    log.info(Event.ADMIN_BLOCK, reason=rec.reason, drain=rec.drain, trigger="admin",
              families=[str(f) for f in fw.families], transactions=report.transactions)
     what = "new connections to" if args.drain else "connections to"
     print(f"blocked: {what} port {cfg.service.port} are rejected "
@@ -167,7 +168,7 @@ def cmd_unblock(args: argparse.Namespace) -> int:
         # that iptables refused keeps the block recorded, as the kernel still holds it).
         fw.ensure(Mode.OPEN)
     had = sd.clear_admin()
-    log.info("admin-unblock", trigger="admin", had_block=had, daemon_running=daemon is not None)
+    log.info(Event.ADMIN_UNBLOCK, trigger="admin", had_block=had, daemon_running=daemon is not None)
     if daemon is not None:
         print(f"admin block lifted; the daemon (pid {daemon.get('pid')}) now sets the chain "
               "from the service's health")
@@ -180,7 +181,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove our chain and its jump in both families."""
     cfg, log, fw = _firewall_command(args)
     report = fw.remove()
-    log.info("firewall-remove", trigger="admin", families=[str(f) for f in report.changed])
+    log.info(Event.FIREWALL_REMOVE, trigger="admin", families=[str(f) for f in report.changed])
     print(f"removed chain {cfg.firewall.chain} and its jump"
           + ("" if report.changed else " (there was nothing to remove)"))
     return EX_OK
