@@ -46,8 +46,8 @@ CLOSE_WITHIN_S = 2.0  # how long close() lets the queued lines reach the sinks
 
 # The one table of names: a call site's keyword -> the ECS field it is written as. Any other
 # keyword, unless one of the ECS fields of _ECS_AS_IS, is written under sslvpn_heartbeat.
-FIELDS: Mapping[str, str] = {"reason": "event.reason", "health.state": "service.state",
-                             "path": "file.path", "latency_ms": NAMESPACE + "latency_ms"}
+FIELDS: Mapping[str, str] = {"reason": "event.reason", "health.state": "service.state", "path": "file.path",
+                             "message": "message", "latency_ms": NAMESPACE + "latency_ms"}
 _ECS_AS_IS = frozenset({"event.duration", "service.name", "error.type", "error.message", "error.code",
                         "error.stack_trace"})
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
@@ -372,6 +372,8 @@ class Logging:
                 sink.error = exc
             if sink.error is not None:
                 self._lost, sink.lost = self._lost + 1, sink.lost + 1
+                with contextlib.suppress(Exception):  # opened afresh for its next line
+                    cast(logging.Handler, sink).close()
                 if not sink.down:
                     sink.down = True
                     notices.append(self._notice("error", Event.SINK_FAILED, sink=sink.sink_name,
