@@ -1,7 +1,7 @@
-"""The catalogue of events: every ``event.action`` the agent logs, with its ECS categorization.
+"""The catalogue: every ``event.action`` the agent logs, with its ECS categorization.
 
-Call sites log a member (``log.warning(Event.INOTIFY_OVERFLOW)``); a member is its string, so
-``log.info("service-up")`` names the same event. docs/events.md describes each one.
+A member is its string, so ``log.warning(Event.INOTIFY_OVERFLOW)`` and ``log.warning("inotify-overflow")``
+name the same event. docs/events.md describes each one.
 """
 
 from __future__ import annotations
@@ -12,19 +12,16 @@ __all__ = ["Event"]
 
 
 class Event(enum.StrEnum):
-    """An event name, its ECS ``event.category`` and ``event.type`` lists, its ``event.outcome``."""
+    """An event name with its ECS ``event.category`` and ``event.type`` lists and ``event.outcome``."""
 
     category: tuple[str, ...]
     type: tuple[str, ...]
     outcome: str
 
-    def __new__(cls, value: str, category: str = "", type_: str = "",
-                outcome: str = "") -> Event:
-        """A member whose value is ``value``; category and type are space-separated lists."""
+    def __new__(cls, value: str, category: str = "", type_: str = "", outcome: str = "") -> Event:
+        """A member named ``value``; category and type are space-separated lists."""
         member = str.__new__(cls, value)
-        member._value_ = value
-        member.category = tuple(category.split())
-        member.type = tuple(type_.split())
+        member._value_, member.category, member.type = value, tuple(category.split()), tuple(type_.split())
         member.outcome = outcome
         return member
 

@@ -44,12 +44,12 @@ NAMESPACE = "sslvpn_heartbeat."
 QUEUE_LINES = 1000  # lines waiting for the sinks; beyond that they are dropped and counted
 CLOSE_WITHIN_S = 2.0  # how long close() lets the queued lines reach the sinks
 
-# The one table of names: a call site's keyword -> the ECS field it is written as. Any other
-# keyword, unless one of the ECS fields of _ECS_AS_IS, is written under sslvpn_heartbeat.
-FIELDS: Mapping[str, str] = {"reason": "event.reason", "health.state": "service.state", "path": "file.path",
-                             "message": "message", "latency_ms": NAMESPACE + "latency_ms"}
-_ECS_AS_IS = frozenset({"event.duration", "service.name", "error.type", "error.message", "error.code",
-                        "error.stack_trace"})
+# The one table of names: a call site's keyword -> the ECS field it is written as (some are
+# ECS names already). Any other keyword is written under sslvpn_heartbeat.
+FIELDS: Mapping[str, str] = {
+    "reason": "event.reason", "health.state": "service.state", "path": "file.path", "message": "message",
+    "latency_ms": NAMESPACE + "latency_ms",
+    **{k: k for k in ("event.duration", "service.name", "error.type", "error.message", "error.code")}}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}
 _ALIASES = {"warn": "warning", "exception": "error", "fatal": "critical", "msg": "info", "err": "error"}
@@ -58,9 +58,7 @@ _SEVERITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 
 def field_name(key: str) -> str:
     """The field a call site's keyword is written as: an ECS field or one under sslvpn_heartbeat."""
-    if key in FIELDS:
-        return FIELDS[key]
-    return key if key in _ECS_AS_IS or key.startswith(NAMESPACE) else NAMESPACE + key
+    return FIELDS.get(key) or (key if key.startswith(NAMESPACE) else NAMESPACE + key)
 
 
 def _iso_ms(t: float) -> str:
@@ -130,17 +128,11 @@ class _Ecs:
         return out
 
 
-def _default(o: Any) -> Any:
-    if isinstance(o, enum.Enum):
-        return o.value
-    if isinstance(o, set | frozenset):
-        return sorted(o, key=str)
-    return o.decode("utf-8", "backslashreplace") if isinstance(o, bytes) else str(o)
-
-
 def _json(ed: Mapping[str, Any]) -> str:
     """One line, always: ASCII only, so newlines and Unicode line breaks are escaped too."""
-    return json.dumps(ed, ensure_ascii=True, separators=(",", ":"), default=_default)
+    return json.dumps(ed, ensure_ascii=True, separators=(",", ":"), default=lambda o: (
+        o.value if isinstance(o, enum.Enum) else sorted(o, key=str) if isinstance(o, set | frozenset)
+        else o.decode("utf-8", "backslashreplace") if isinstance(o, bytes) else str(o)))
 
 
 _HIDDEN = frozenset({"@timestamp", "log.level", "message", "ecs.version", "event.kind", "event.category",
@@ -163,8 +155,10 @@ class _Console(logging.Formatter):
         return " ".join(parts) + "".join("\n    " + s for s in stack)
 
 
-def _finish(rec: logging.LogRecord, ed: dict[str, Any]) -> logging.LogRecord:
+def _finish(ed: dict[str, Any], rec: logging.LogRecord | None = None) -> logging.LogRecord:
     """Render the line now, on the caller's thread; what the sinks' formatters need goes along."""
+    if rec is None:
+        rec = logging.LogRecord(APP_NAME, _LEVELS.get(str(ed.get("log.level")), 40), "", 0, "", None, None)
     try:
         line = _json(ed)
     except Exception as exc:  # e.g. a list that contains itself
@@ -176,11 +170,6 @@ def _finish(rec: logging.LogRecord, ed: dict[str, Any]) -> logging.LogRecord:
     return rec
 
 
-def _record(ed: dict[str, Any]) -> logging.LogRecord:
-    level = _LEVELS.get(str(ed.get("log.level")), logging.ERROR)
-    return _finish(logging.LogRecord(APP_NAME, level, "", 0, "", None, None), ed)
-
-
 class _Intake(logging.handlers.QueueHandler):
     """The callers' side (root handler and structlog's last processor): queue or drop, never block."""
 
@@ -188,13 +177,13 @@ class _Intake(logging.handlers.QueueHandler):
         self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()  # C and reentrant: signal-safe
         super().__init__(self.q)
         self.setLevel(level)
-        self.ecs, self.lines, self.closed, self.dropped, self._reported = ecs, lines, False, 0, 0
+        self.ecs, self.lines, self.closed, self.dropped = ecs, lines, False, 0
         self._mu = threading.RLock()
         self.previous_root_level = logging.getLogger().level
 
     def __call__(self, _logger: WrappedLogger, _method: str, ed: EventDict) -> EventDict:
         """structlog's last processor: the ECS dict becomes a queued record, structlog stops."""
-        self.handle(_record(cast(dict[str, Any], ed)))
+        self.handle(_finish(cast(dict[str, Any], ed)))
         raise structlog.DropEvent
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
@@ -207,7 +196,7 @@ class _Intake(logging.handlers.QueueHandler):
                           {"event": record.getMessage(), "_record": record, "exc_info": record.exc_info})
         except Exception as exc:  # %-arguments that do not match
             ed = _failed("log-render-failed", exc)
-        return _finish(record, ed)
+        return _finish(ed, record)
 
     def enqueue(self, record: logging.LogRecord) -> None:
         if self.closed or self.q.qsize() >= self.lines:
@@ -219,12 +208,6 @@ class _Intake(logging.handlers.QueueHandler):
         """Nothing is ever printed on the callers' path: the line counts as dropped."""
         with self._mu:
             self.dropped += 1
-
-    def unreported(self) -> int:
-        """Lines dropped since the last call."""
-        with self._mu:
-            n, self._reported = self.dropped - self._reported, self.dropped
-        return n
 
 
 class _Fd:
@@ -287,9 +270,11 @@ class Logging:
     """The configured pipeline: bound loggers, the writer thread, reopen, drop count, close."""
 
     def __init__(self, intake: _Intake, sinks: list[_Sink], level: int) -> None:
-        self._intake, self._sinks, self._queue, self._lost, self._reopen = intake, sinks, intake.q, 0, False
+        self._intake, self._sinks, self._queue, self._lost, self._reported = intake, sinks, intake.q, 0, 0
+        self._reopen = False
         self._processors: list[Processor] = [structlog.contextvars.merge_contextvars, intake.ecs, intake]
         self._wrapper = structlog.make_filtering_bound_logger(level)
+        self._factory: Callable[..., None] = lambda *_args: None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
@@ -304,9 +289,6 @@ class Logging:
         """Make structlog.get_logger() use this pipeline."""
         structlog.configure(processors=self._processors, wrapper_class=self._wrapper,
                             logger_factory=self._factory, context_class=dict, cache_logger_on_first_use=False)
-
-    def _factory(self, *_args: Any) -> None:
-        return None
 
     def dropped_total(self) -> int:
         """Lines lost since configure(): dropped at the full queue, or not written by a failing sink."""
@@ -382,13 +364,14 @@ class Logging:
                 notices.append(self._notice("warning", Event.LOG_DROPPED, sink=sink.sink_name,
                                             dropped=sink.lost))
                 sink.down, sink.lost = False, 0
-        if self._queue.qsize() <= self._intake.lines // 2 and (n := self._intake.unreported()):
+        if self._queue.qsize() <= self._intake.lines // 2 and (n := self._intake.dropped - self._reported):
+            self._reported += n
             notices.append(self._notice("warning", Event.LOG_DROPPED, sink="queue", dropped=n))
         for notice in notices:
             self._write(notice)
 
     def _notice(self, level: str, event: Event, **fields: Any) -> logging.LogRecord:
-        return _record(self._intake.ecs(None, level, {"event": event, **fields}))
+        return _finish(self._intake.ecs(None, level, {"event": event, **fields}))
 
 
 def _stream_sink(stream: TextIO, fmt: str) -> _Stream:
@@ -402,15 +385,6 @@ def _stream_sink(stream: TextIO, fmt: str) -> _Stream:
     sink.target = str(getattr(stream, "name", "stream"))
     prefix = "<%(severity)d>" if journal else ""
     sink.setFormatter(_Console() if fmt == "console" else logging.Formatter(prefix + "%(message)s"))
-    return sink
-
-
-def _syslog_sink(path: str, facility: str, hostname: str) -> _Syslog:
-    """RFC 5424, ``<PRI>1 TIMESTAMP HOST APP PID MSGID - JSON``, one datagram per event."""
-    sink = _Syslog(path, facility, socket.SOCK_DGRAM)
-    sink.target, sink.append_nul = path, False
-    host = "".join(c for c in hostname if c.isascii() and (c.isalnum() or c in "-._"))[:255] or "-"
-    sink.setFormatter(logging.Formatter(f"1 %(stamp)s {host} {APP_NAME} %(process)d %(msgid)s - %(message)s"))
     return sink
 
 
@@ -434,8 +408,13 @@ def configure(cfg: LogConfig, *, service_name: str, stream: TextIO | None = None
     if cfg.file:
         sinks.append(_File(cfg.file, delay=True))
         sinks[-1].target = cfg.file
-    if cfg.syslog:
-        sinks.append(_syslog_sink(cfg.syslog_address, cfg.syslog_facility, host))
+    if cfg.syslog:  # RFC 5424, "<PRI>1 TIMESTAMP HOST APP PID MSGID - JSON", one datagram an event
+        syslog = _Syslog(cfg.syslog_address, cfg.syslog_facility, socket.SOCK_DGRAM)
+        syslog.target, syslog.append_nul = cfg.syslog_address, False
+        name = "".join(c for c in host if c.isascii() and (c.isalnum() or c in "-._"))[:255] or "-"
+        syslog.setFormatter(logging.Formatter(f"1 %(stamp)s {name} {APP_NAME} %(process)d %(msgid)s - "
+                                              "%(message)s"))
+        sinks.append(syslog)
     intake = _Intake(_Ecs(service_name, host, clock), level, queue_lines)
     root = logging.getLogger()
     for old in [h for h in root.handlers if isinstance(h, _Intake)]:
