@@ -342,7 +342,10 @@ class Logging:
             if self._reopen:
                 self._reopen = False
                 self._close_sinks()
-            self._write(rec)
+            try:
+                self._write(rec)
+            except Exception:  # the writer thread must outlive any bug in a sink
+                self._lost += 1
 
     def _write(self, rec: logging.LogRecord) -> None:
         notices: list[logging.LogRecord] = []
@@ -379,8 +382,8 @@ def _stream_sink(stream: TextIO, fmt: str) -> _Stream:
     out, journal = cast(Any, stream), False
     with contextlib.suppress(AttributeError, OSError, ValueError):  # io.StringIO: used as it is
         st = os.fstat(stream.fileno())
-        stream.flush()
         out, journal = _Fd(stream.fileno()), os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
+        stream.flush()  # what was printed before goes first
     sink = _Stream(out)
     sink.target = str(getattr(stream, "name", "stream"))
     prefix = "<%(severity)d>" if journal else ""
