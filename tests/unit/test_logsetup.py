@@ -342,7 +342,8 @@ def _named_in_code() -> set[str]:
             elif isinstance(node, ast.Constant) and node.value in set(Event):
                 found.add(str(node.value))
             elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add) \
-                    and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str):
+                    and isinstance(node.left, ast.Constant) and isinstance(node.left.value, str) \
+                    and len(node.left.value) > 3 and node.left.value.endswith("-"):
                 found |= {e for e in Event if e.startswith(node.left.value)}
     return found
 
