@@ -207,7 +207,8 @@ def test_a_full_disk_under_log_file_costs_lines_never_a_failover(netns: Netns, t
             json.loads(line)
         except ValueError:
             bad.append(line)
-    assert len(bad) <= 1 and all(b.startswith('{"@timestamp"') for b in bad), bad
+    # At most the one line the full disk cut short (anywhere, even in its first key).
+    assert len(bad) <= 1 and all('{"@timestamp":"'.startswith(b[:15]) for b in bad), bad
     assert json.loads(lines[-1])["event.action"] == "agent-stop"
     agent.check_clean()
 
