@@ -158,7 +158,8 @@ class _Console(logging.Formatter):
 def _finish(ed: dict[str, Any], rec: logging.LogRecord | None = None) -> logging.LogRecord:
     """Render the line now, on the caller's thread; what the sinks' formatters need goes along."""
     if rec is None:
-        rec = logging.LogRecord(APP_NAME, _LEVELS.get(str(ed.get("log.level")), 40), "", 0, "", None, None)
+        level = _LEVELS.get(str(ed.get("log.level")), logging.ERROR)
+        rec = logging.LogRecord(APP_NAME, level, "", 0, "", None, None)
     try:
         line = _json(ed)
     except Exception as exc:  # e.g. a list that contains itself
