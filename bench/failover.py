@@ -415,8 +415,9 @@ def agent_log_latencies(text: str) -> dict[str, list[float]]:
         with contextlib.suppress(ValueError):
             ev = json.loads(line)
             action = ev.get("event.action") if isinstance(ev, dict) else None
-            if action in out and ev.get("trigger") != "startup" and "latency_ms" in ev:
-                out[action].append(float(ev["latency_ms"]))
+            if (action in out and ev.get("sslvpn_heartbeat.trigger") != "startup"
+                    and "sslvpn_heartbeat.latency_ms" in ev):
+                out[action].append(float(ev["sslvpn_heartbeat.latency_ms"]))
     return out
 
 

@@ -154,9 +154,9 @@ def _read_log(agent: Agent, soak: Soak) -> None:
             action = str(ev.get("event.action", ""))
             counts[action] = counts.get(action, 0) + 1
             if action in ("firewall-block", "firewall-unblock", "firewall-repair"):
-                soak.transactions += int(ev.get("transactions") or 0)
-            if action == "firewall-block" and isinstance(ev.get("latency_ms"), int | float):
-                latencies.append(float(ev["latency_ms"]))
+                soak.transactions += int(ev.get("sslvpn_heartbeat.transactions") or 0)
+            if action == "firewall-block" and isinstance(ev.get("sslvpn_heartbeat.latency_ms"), int | float):
+                latencies.append(float(ev["sslvpn_heartbeat.latency_ms"]))
     soak.events = {k: counts[k] for k in sorted(counts)}
     soak.latency_ms = {"p50": _pct(latencies, 0.5), "p99": _pct(latencies, 0.99),
                        "max": max(latencies, default=float("nan"))}

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from tests.cfg import write_config
+from tests.ecs import check_event
 from tests.netns import REPO, Netns, wait_for
 from tests.testbed.cluster import Reply, http_get
 from tests.testbed.fakesvc import LISTENER_PID, PID_FILE, pid_alive, read_pid
+from watcher.logsetup import field_name
 
 __all__ = [
     "CHAIN",
@@ -239,10 +241,11 @@ class Agent:
         return len(self.lines())
 
     def find(self, action: str, after: int = 0, **fields: Any) -> list[dict[str, Any]]:
-        """Events of ``action`` (``event.action``) from line ``after`` on, matching ``fields``."""
+        """Events of ``action`` (``event.action``) from line ``after`` on, matching ``fields``
+        (named as at a log call: ``trigger="pidfd"`` matches ``sslvpn_heartbeat.trigger``)."""
         return [e for e in self.events()[after:]
                 if e.get("event.action") == action
-                and all(e.get(k) == v for k, v in fields.items())]
+                and all(e.get(field_name(k)) == v for k, v in fields.items())]
 
     def wait_event(self, action: str, timeout: float = 5.0, after: int = 0,
                    **fields: Any) -> dict[str, Any]:
@@ -290,8 +293,10 @@ class Agent:
         return self.wait(timeout)
 
     def check_clean(self) -> None:
-        """Every line of the run is a JSON object and stderr holds no traceback."""
-        self.events()
+        """Every line of the run is a JSON object whose keys pass the ECS check (tests.ecs),
+        and stderr holds no traceback."""
+        for ev in self.events():
+            check_event(ev)
         assert "Traceback" not in self.stderr(), self.stderr()
 
 

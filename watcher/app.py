@@ -21,6 +21,7 @@ from rules.firewall import Firewall
 from rules.model import ChainSpec
 from watcher.config import Config, load_config
 from watcher.errors import AlreadyRunning
+from watcher.logevents import Event
 from watcher.logsetup import configure
 from watcher.notify import Notifier
 
@@ -89,7 +90,7 @@ def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str |
             try:
                 fw.check_ownership()  # another tool's chain of our name: exit 78, nothing changed
             except ForeignChain as exc:
-                log.error("config-invalid", reason=str(exc), path=str(path or ""))
+                log.error(Event.CONFIG_INVALID, reason=str(exc), path=str(path or ""))
                 fw.close()
                 raise
             except RulesError:

@@ -35,6 +35,7 @@ from watcher.errors import (
     FacilityMissing,
     exit_code_of,
 )
+from watcher.logevents import Event
 from watcher.statedir import AdminRecord, StateDir
 
 __all__ = ["main"]
@@ -94,7 +95,7 @@ def _expire_admin(sd: StateDir, log: Any) -> AdminRecord | None:
     expired); return the removed record."""
     gone = sd.expire_admin()
     if gone is not None:
-        log.info("admin-unblock", reason="expired", trigger="admin", until=gone.until,
+        log.info(Event.ADMIN_UNBLOCK, reason="expired", trigger="admin", until=gone.until,
                  drain=gone.drain)
     return gone
 
@@ -198,7 +199,7 @@ def cmd_block(args: argparse.Namespace) -> int:
     report = fw.ensure(mode)
     until = None if seconds is None else time.time() + seconds
     rec = sd.set_admin(args.drain, args.reason, until=until)
-    log.info("admin-block", reason=rec.reason, drain=rec.drain, trigger="admin",
+    log.info(Event.ADMIN_BLOCK, reason=rec.reason, drain=rec.drain, trigger="admin",
              families=[str(f) for f in fw.families], transactions=report.transactions,
              until=rec.until)
     what = "new connections to" if args.drain else "connections to"
@@ -235,11 +236,11 @@ def _wait_drained(cfg: Config, log: Any, timeout: float | None) -> int:
         raise
     elapsed = round(time.monotonic() - started, 3)
     if drained:
-        log.info("drain-complete", port=port, elapsed_s=elapsed)
+        log.info(Event.DRAIN_COMPLETE, port=port, elapsed_s=elapsed)
         print(f"drained: no established connection to port {port} remains", file=sys.stderr)
         return EX_OK
     show.end()
-    log.warning("drain-timeout", port=port, elapsed_s=elapsed, established=left)
+    log.warning(Event.DRAIN_TIMEOUT, port=port, elapsed_s=elapsed, established=left)
     print(f"sslvpn-heartbeat: timed out after {timeout:g}s: {left} established "
           f"connection{'' if left == 1 else 's'} to port {port} remain; the drain stays in force",
           file=sys.stderr)
@@ -258,7 +259,7 @@ def cmd_unblock(args: argparse.Namespace) -> int:
         # that iptables refused keeps the block recorded, as the kernel still holds it).
         fw.ensure(Mode.OPEN)
     had = sd.clear_admin()
-    log.info("admin-unblock", trigger="admin", had_block=had, daemon_running=daemon is not None)
+    log.info(Event.ADMIN_UNBLOCK, trigger="admin", had_block=had, daemon_running=daemon is not None)
     if daemon is not None:
         print(f"admin block lifted; the daemon (pid {daemon.get('pid')}) now sets the chain "
               "from the service's health")
@@ -271,7 +272,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     """Remove our chain and its jump in both families."""
     cfg, log, fw = _firewall_command(args)
     report = fw.remove()
-    log.info("firewall-remove", trigger="admin", families=[str(f) for f in report.changed])
+    log.info(Event.FIREWALL_REMOVE, trigger="admin", families=[str(f) for f in report.changed])
     print(f"removed chain {cfg.firewall.chain} and its jump"
           + ("" if report.changed else " (there was nothing to remove)"))
     return EX_OK

@@ -12,7 +12,6 @@ from typing import Any, TypeVar
 
 from rules.model import RuleError, validate_chain_name
 from watcher.errors import ConfigError
-from watcher.logsinks import FACILITIES, parse_syslog_address
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -77,7 +76,7 @@ class LogConfig:
     level: str = "info"
     file: str = ""  # empty: no file sink
     syslog: bool = False
-    syslog_address: str = "/dev/log"  # or "udp://HOST:PORT", "tcp://HOST:PORT"
+    syslog_address: str = "/dev/log"  # a unix datagram socket; remote: through rsyslog
     syslog_facility: str = "daemon"
 
 
@@ -197,13 +196,20 @@ def _chain(key: str, v: Any) -> str:
     return v
 
 
+# RFC 5424 facility names (the agent sends their codes).
+FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+              "authpriv", "ftp", *(f"local{i}" for i in range(8)))
+
+
 def _syslog_address(key: str, v: Any) -> str:
     if not isinstance(v, str):
         raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
-    try:
-        parse_syslog_address(v)
-    except ValueError as exc:
-        raise ConfigError(key, str(exc)) from None
+    if v.startswith(("udp://", "tcp://")):
+        raise ConfigError(key, f"must be a local unix socket path, got {v!r}: the agent no longer "
+                          "sends to remote collectors itself; keep /dev/log and forward with the "
+                          "packaged rsyslog configuration (packaging/rsyslog/sslvpn-heartbeat.conf)")
+    if not v.startswith("/") or "\x00" in v or "\n" in v or len(v.encode()) > 107:
+        raise ConfigError(key, f"must be an absolute unix socket path of at most 107 bytes, got {v!r}")
     return v
 
 

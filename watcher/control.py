@@ -31,6 +31,7 @@ from typing import Any
 from rules.model import Mode
 from watcher.config import Config
 from watcher.events import Evidence, Trigger
+from watcher.logevents import Event
 
 __all__ = [
     "Action",
@@ -272,7 +273,7 @@ class Log:
     """Log ``event`` at ``level`` with ``fields``."""
 
     level: str
-    event: str
+    event: Event
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -372,9 +373,16 @@ def _want(s: State, cause: Trigger | None, why: str, probe_ns: int | None) -> St
     return replace(s, cause=cause, why=why, probe_ns=probe_ns)
 
 
+_ACTION = {Mode.OPEN: Event.FIREWALL_UNBLOCK, Mode.BLOCK: Event.FIREWALL_BLOCK,
+           Mode.DRAIN: Event.FIREWALL_DRAIN}
+_TRANSITION = {(Health.STARTING, Health.UP): Event.SERVICE_INITIAL_UP,
+               (Health.STARTING, Health.DOWN): Event.SERVICE_INITIAL_DOWN,
+               (Health.DOWN, Health.UP): Event.SERVICE_UP, (Health.UP, Health.DOWN): Event.SERVICE_DOWN}
+
+
 def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
     if not i.ok and i.reason != s.last_failure:
-        out.append(Log("info", "probe-failed", {"reason": i.reason, "check": i.check,
+        out.append(Log("info", Event.PROBE_FAILED, {"reason": i.reason, "check": i.check,
                                                 **_trig(i.trigger)}))
     death = i.proves_death or i.trigger.evidence is Evidence.DEATH
     before = desired_mode(s)
@@ -385,10 +393,8 @@ def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
         (nxt, reason), again = _on_fail(s, i.reason, death), None
         nxt = replace(nxt, last_failure=i.reason)
     if nxt.health is not s.health:
-        name = "service-" + nxt.health.value
-        if s.health is Health.STARTING:
-            name = "service-initial-" + nxt.health.value
-        out.append(Log("info", name, {"reason": reason, **_trig(i.trigger),
+        out.append(Log("info", _TRANSITION[s.health, nxt.health], {
+            "reason": reason, **_trig(i.trigger),
                                       "health.state": nxt.health.value}))
     if desired_mode(nxt) is not before:
         nxt = _want(nxt, i.trigger, reason or i.reason, i.duration_ns)
@@ -402,19 +408,19 @@ def _admin(s: State, i: AdminRead, out: list[Action]) -> State:
         out.append(ReadAdminAt(i.expires_at_ns))
     if i.block == s.admin:
         if i.expired is not None:  # ended before it was honoured here (no agent was running)
-            out.append(Log("info", "admin-unblock", {"reason": "expired", "until": i.expired,
+            out.append(Log("info", Event.ADMIN_UNBLOCK, {"reason": "expired", "until": i.expired,
                                                      **_trig(i.trigger)}))
         return s
     nxt = replace(s, admin=i.block)
     if i.block is not None:
-        out.append(Log("info", "admin-block", {"reason": i.block.reason, "drain": i.block.drain,
+        out.append(Log("info", Event.ADMIN_BLOCK, {"reason": i.block.reason, "drain": i.block.drain,
                                                **_trig(i.trigger)}))
         why = f"admin: {i.block.reason}" if i.block.reason else "admin"
     else:
         until = None if s.admin is None else s.admin.until
         ended = i.expired is not None or (until is not None and i.wall >= until)
         reason = "expired" if ended else "lifted"
-        out.append(Log("info", "admin-unblock", {"reason": reason, "until": until,
+        out.append(Log("info", Event.ADMIN_UNBLOCK, {"reason": reason, "until": until,
                                                  **_trig(i.trigger)}))
         why = f"admin block {reason}"
     if desired_mode(nxt) is not desired_mode(s):
@@ -422,7 +428,7 @@ def _admin(s: State, i: AdminRead, out: list[Action]) -> State:
     return nxt
 
 
-_ACTION = {Mode.OPEN: "firewall-unblock", Mode.BLOCK: "firewall-block", Mode.DRAIN: "firewall-drain"}
+
 
 
 def _applied(s: State, i: Applied, out: list[Action]) -> State:
@@ -444,13 +450,13 @@ def _applied(s: State, i: Applied, out: list[Action]) -> State:
         fields["apply_ms"] = round(i.duration_ns / 1e6, 3)
         out.append(Log("info", _ACTION[c.mode], fields))
     elif i.changed:
-        out.append(Log("warning", "firewall-repair", {
+        out.append(Log("warning", Event.FIREWALL_REPAIR, {
             **_trig(c.cause), "mode": str(c.mode), "families": list(i.changed),
             "reason": "chain or jump changed by someone else; restored"}))
     if not nxt.ready:
         nxt = replace(nxt, ready=True)
         out.append(Notify("ready"))
-        out.append(Log("info", "agent-ready", {"mode": str(c.mode),
+        out.append(Log("info", Event.AGENT_READY, {"mode": str(c.mode),
                                                "health.state": nxt.health.value}))
     return nxt
 
@@ -463,15 +469,15 @@ def _failed(s: State, i: ApplyFailed, now: int, out: list[Action]) -> State:
     # sure (someone may have changed it): the retry plans from a fresh read.
     nxt = replace(s, in_flight=None, applied=None, failures=s.failures + 1)
     if c.final:
-        out.append(Log("error", "apply-failed", {"reason": f"on_exit={s.params.on_exit}: "
+        out.append(Log("error", Event.APPLY_FAILED, {"reason": f"on_exit={s.params.on_exit}: "
                                                  f"{i.reason}", "mode": what}))
         return _exit(nxt, EX_TEMPFAIL, out)
     if i.fatal is not None:
-        out.append(Log("error", "apply-failed", {"reason": i.reason, "mode": what, "fatal": True}))
+        out.append(Log("error", Event.APPLY_FAILED, {"reason": i.reason, "mode": what, "fatal": True}))
         return _exit(nxt, i.fatal, out)
     p = s.params
     delay = min(p.retry_max_ns, p.retry_min_ns << min(nxt.failures - 1, 40))
-    out.append(Log("error", "apply-failed", {"reason": i.reason, "mode": what,
+    out.append(Log("error", Event.APPLY_FAILED, {"reason": i.reason, "mode": what,
                                              "retry_in_s": round(delay / 1e9, 3)}))
     if s.stop_at_ns is not None:
         return nxt  # stopping: on_exit comes next, no retry
@@ -480,7 +486,7 @@ def _failed(s: State, i: ApplyFailed, now: int, out: list[Action]) -> State:
 
 
 def _exit(s: State, code: int, out: list[Action]) -> State:
-    out.append(Log("info", "agent-stop", {"on_exit": s.params.on_exit, "exit_code": code}))
+    out.append(Log("info", Event.AGENT_STOP, {"on_exit": s.params.on_exit, "exit_code": code}))
     out.append(Exit(code))
     return replace(s, exited=True, in_flight=None)
 
@@ -493,7 +499,7 @@ def _stop_sequence(s: State, now: int, out: list[Action]) -> State:
     if how == "keep":
         return _exit(s, EX_OK, out)
     if how == "open" and s.admin is not None:
-        out.append(Log("info", "firewall-keep", {"reason": "admin block recorded: kept on exit"}))
+        out.append(Log("info", Event.FIREWALL_KEEP, {"reason": "admin block recorded: kept on exit"}))
         return _exit(s, EX_OK, out)
     if how == "remove":
         out.append(RemoveChain(deadline))
@@ -545,13 +551,13 @@ def step(s: State, inp: Input, now_ns: int) -> tuple[State, tuple[Action, ...]]:
             # Only what was applied can be repaired; a failed change is being retried anyway.
             s = replace(s, repair_due=trigger if s.applied is not None else None)
         case Reloaded(params=None):
-            out.append(Log("error", "config-invalid", {"reason": inp.error, "path": inp.path}))
+            out.append(Log("error", Event.CONFIG_INVALID, {"reason": inp.error, "path": inp.path}))
             if s.ready:
                 out.append(Notify("ready"))
         case Reloaded(params=Params() as params):
             if inp.note:
-                out.append(Log("warning", "config-reload", {"reason": inp.note}))
-            out.append(Log("info", "config-reload", {"path": inp.path}))
+                out.append(Log("warning", Event.CONFIG_RELOAD, {"reason": inp.note}))
+            out.append(Log("info", Event.CONFIG_RELOAD, {"path": inp.path}))
             s = replace(s, params=params)
             if s.ready:
                 out.append(Notify("ready"))

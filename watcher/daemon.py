@@ -25,6 +25,7 @@ from watcher import control
 from watcher.config import Config, for_reload
 from watcher.errors import EX_TEMPFAIL, AgentError, exit_code_of, is_transient
 from watcher.events import Evidence, Source, Trigger
+from watcher.logevents import Event
 from watcher.logsetup import Logging
 from watcher.notify import Notifier
 from watcher.outputs import Outputs
@@ -118,7 +119,7 @@ class Daemon:
             elif isinstance(exc, RulesError):
                 inp = control.ApplyFailed(str(exc), None if is_transient(exc) else exit_code_of(exc))
             else:
-                self.log.error("internal-error", reason=repr(exc))
+                self.log.error(Event.INTERNAL_ERROR, reason=repr(exc))
                 inp = control.ApplyFailed(repr(exc))
             self.feed(inp)
 
@@ -164,7 +165,7 @@ class Daemon:
             try:
                 await self._round(trig)
             except Exception as exc:  # the agent never dies of one bad round
-                self.log.exception("internal-error", reason=str(exc))
+                self.log.exception(Event.INTERNAL_ERROR, reason=str(exc))
 
     async def _round(self, trig: Trigger) -> None:
         wall = time.time()
@@ -235,7 +236,7 @@ class Daemon:
 
     def _on_term(self, signame: str) -> None:
         if self._core.stop_at_ns is not None:  # a second SIGTERM/SIGINT: exit at once
-            self.log.warning("agent-stop", reason=f"second {signame}: exiting at once")
+            self.log.warning(Event.AGENT_STOP, reason=f"second {signame}: exiting at once")
             os._exit(1)
         self._stop_sources()
         p = self._core.params
@@ -248,7 +249,7 @@ class Daemon:
         if self._exit.done():
             return
         if why:
-            self.log.error("agent-stop", reason=why, exit_code=code)
+            self.log.error(Event.AGENT_STOP, reason=why, exit_code=code)
         self._exit.set_result(code)
 
     async def run(self) -> int:
@@ -258,7 +259,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_term, arg)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         loop.add_signal_handler(signal.SIGUSR1, self._logging.reopen)
-        self.log.info("agent-start", pid_file=str(self.cfg.service.pid_file),
+        self.log.info(Event.AGENT_START, pid_file=str(self.cfg.service.pid_file),
                       port=self.cfg.service.port, chain=self.cfg.firewall.chain,
                       backend=self._fw.backend.name)
         with contextlib.suppress(OSError):

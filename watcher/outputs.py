@@ -17,6 +17,7 @@ from typing import Any
 from watcher import __version__, agentcheck, control
 from watcher.config import Config, parse_listen
 from watcher.events import Source
+from watcher.logevents import Event
 from watcher.metrics import Metrics
 from watcher.notify import Notifier
 from watcher.probe import CHECKS
@@ -24,7 +25,7 @@ from watcher.statedir import StateDir
 
 __all__ = ["Outputs"]
 
-_MOVES = {"firewall-block", "firewall-unblock", "firewall-drain"}
+_MOVES = {Event.FIREWALL_BLOCK, Event.FIREWALL_UNBLOCK, Event.FIREWALL_DRAIN}
 
 
 class Outputs:
@@ -73,13 +74,13 @@ class Outputs:
 
     @staticmethod
     def _count(m: Metrics, act: control.Log) -> None:
-        if act.event in ("service-down", "service-up"):
+        if act.event in (Event.SERVICE_DOWN, Event.SERVICE_UP):
             m.transition(act.event.removeprefix("service-"), time.time())
         elif act.event in _MOVES and act.fields.get("trigger") != str(Source.STARTUP):
             latency = act.fields.get("event.duration")
             if isinstance(latency, int):
                 m.failover(latency / 1e9)
-        elif act.event == "apply-failed":
+        elif act.event is Event.APPLY_FAILED:
             m.apply_failure()
 
     def _publish(self, status: control.Status) -> None:
@@ -102,7 +103,7 @@ class Outputs:
         try:
             StateDir(self.cfg.state.dir).write_daemon(info)
         except OSError as exc:
-            self.log.warning("state-write-failed", reason=str(exc))
+            self.log.warning(Event.STATE_WRITE_FAILED, reason=str(exc))
         self._notify.status(f"service {status.health}, firewall {mode}")
 
     async def _listen(self) -> None:
@@ -114,17 +115,17 @@ class Outputs:
         try:
             await ac.start()
         except OSError as exc:
-            self.log.error("agent-check-failed", reason=f"{self.cfg.agent_check.listen}: {exc}")
+            self.log.error(Event.AGENT_CHECK_FAILED, reason=f"{self.cfg.agent_check.listen}: {exc}")
             self._check = None
         else:
-            self.log.info("agent-check-listen", **{"server.address": ac.host,
+            self.log.info(Event.AGENT_CHECK_LISTEN, **{"server.address": ac.host,
                                                    "server.port": ac.port})
 
     def _metrics_report(self, reason: str) -> None:
         if reason:
-            self.log.warning("metrics-write-failed", reason=reason)
+            self.log.warning(Event.METRICS_WRITE_FAILED, reason=reason)
         else:
-            self.log.info("metrics-write-recovered", **{"file.path": self.cfg.metrics.textfile})
+            self.log.info(Event.METRICS_WRITE_RECOVERED, **{"file.path": self.cfg.metrics.textfile})
 
     async def close(self) -> None:
         """Close the agent check; the last metrics file says up 0; the status file goes."""

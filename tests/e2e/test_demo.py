@@ -56,7 +56,7 @@ def test_demo_shows_block_then_ctrl_c_leaves_no_namespace_or_process() -> None:
         shown = [ln.strip().lstrip(">|").strip() for ln in lines]
         assert any(MANUAL_REJECT.match(ln) for ln in shown), "\n".join(lines)
         assert any(ln.startswith("Chain sslvpn-heartbeat-chain (1 references)") for ln in shown)
-        assert any(ln.startswith('"latency_ms": ') for ln in shown), "\n".join(lines)
+        assert any(ln.startswith('"sslvpn_heartbeat.latency_ms": ') for ln in shown), "\n".join(lines)
         agents = [int(p) for ln in lines for p in re.findall(r"agent pid (\d+)", ln)]
         cores = [int(p) for ln in lines for p in re.findall(r"core pid (\d+)", ln)]
         assert len(agents) == len(cores) == 2, lines

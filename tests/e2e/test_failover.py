@@ -112,8 +112,9 @@ def test_agent_logs_are_json_and_blocks_carry_kernel_trigger_and_latency(with_ag
         expected = sum(1 for f in FAILOVERS.failovers if f"server{f.server}" == name)
         assert len(blocks) == expected, blocks
         for e in blocks:
-            assert e["trigger"] in KERNEL_TRIGGERS, e
-            assert isinstance(e["latency_ms"], (int, float)) and 0 < e["latency_ms"] < 1000, e
+            assert e["sslvpn_heartbeat.trigger"] in KERNEL_TRIGGERS, e
+            latency = e["sslvpn_heartbeat.latency_ms"]
+            assert isinstance(latency, (int, float)) and 0 < latency < 1000, e
         assert len(_events(path, "firewall-unblock")) >= expected + 1  # + the open at start-up
 
 

@@ -50,7 +50,7 @@ def test_flapping_service_ends_in_the_right_state_with_bounded_transactions(
     swaps = [e for e in agent.events()[mark:]
              if e.get("event.action") in ("firewall-block", "firewall-unblock", "firewall-repair")]
     blocks = [e for e in swaps if e["event.action"] == "firewall-block"]
-    transactions = sum(int(e.get("transactions") or 0) for e in swaps)
+    transactions = sum(int(e.get("sslvpn_heartbeat.transactions") or 0) for e in swaps)
     print(f"\n{FLAPS} flaps: {len(blocks)} blocks, {len(swaps)} swaps, {transactions} transactions, "
           f"fds {fds} -> {fd_count(agent.pid)}")
     assert 1 <= len(blocks) <= FLAPS
@@ -62,7 +62,8 @@ def test_flapping_service_ends_in_the_right_state_with_bounded_transactions(
     core = bed.svc.core_pid
     bed.svc.ctl("kill-core")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd" and ev["detail"] == f"exit pid {core}", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev
+    assert ev["sslvpn_heartbeat.detail"] == f"exit pid {core}", ev
     bed.wait_both("blocked")
     wait_for(lambda: fd_count(agent.pid) <= fds, 3.0, f"the agent back to {fds} descriptors")
     agent.check_clean()
@@ -92,7 +93,7 @@ def test_sighup_with_a_broken_config_file_keeps_the_running_one(
     mark = agent.mark()
     bed.svc.ctl("kill-core")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd", ev  # the running sources were kept
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev  # the running sources were kept
     bed.wait_both("blocked")
     agent.check_clean()
 

@@ -64,7 +64,7 @@ def test_killed_while_blocking_restarts_with_no_open_window(
         # The new daemon starts from STARTING: its first probe finds the service healthy and
         # opens the chain at once (a healthy service needs no rise from STARTING).
         (first,) = bed.agent.find("service-initial-up")
-        assert first["trigger"] == "startup", first
+        assert first["sslvpn_heartbeat.trigger"] == "startup", first
         bed.wait_both("open")
         assert ready and bed.alive()
         bed.agent.check_clean()
@@ -103,7 +103,7 @@ def test_service_dies_while_no_daemon_runs_is_blocked_by_the_next_start(
     assert bed.both("open")  # nobody is watching: the stale open chain is the fault
     bed.start_agent()
     ev = bed.agent.wait_event("firewall-block", 3.0)
-    assert ev["trigger"] == "startup", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "startup", ev
     bed.wait_both("blocked")
     assert bed.alive()
     bed.agent.check_clean()

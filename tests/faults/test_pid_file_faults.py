@@ -129,7 +129,8 @@ def test_bad_pid_file_blocks_names_the_problem_and_the_daemon_survives(
     fault(pidbed)
     failed = bed.agent.wait_event("probe-failed", 3.0, after=mark)
     assert words in failed["event.reason"], failed
-    assert str(pidbed.pid_file) in failed["event.reason"] or failed["check"] != "pid_file", failed
+    assert (str(pidbed.pid_file) in failed["event.reason"]
+            or failed["sslvpn_heartbeat.check"] != "pid_file"), failed
     bed.agent.wait_event("firewall-block", 3.0, after=mark)
     bed.wait_both("blocked")
     assert bed.alive()
@@ -147,12 +148,12 @@ def test_pid_file_directory_deleted_and_recreated_is_followed(pidbed: PidBed) ->
     mark = bed.agent.mark()
     shutil.rmtree(pidbed.piddir)
     ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "inotify", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "inotify", ev
     bed.agent.wait_event("pidfile-directory-missing", 3.0, after=mark)
     mark = bed.agent.mark()
     pidbed.restore()  # mkdir, then the file by rename: either event re-arms and probes
     ev = bed.agent.wait_event("firewall-unblock", 3.0, after=mark)
-    assert ev["trigger"] == "inotify", ev  # the safety net cannot fire within this test
+    assert ev["sslvpn_heartbeat.trigger"] == "inotify", ev  # the safety net cannot fire within this test
     bed.wait_both("open")
     # Twice over: the watch re-armed on the new directory keeps following.
     mark = bed.agent.mark()

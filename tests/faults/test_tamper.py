@@ -53,7 +53,8 @@ def test_chain_gone_is_rebuilt_by_the_next_tick(
     ev = bed.agent.wait_event("firewall-repair", 3.0, after=mark)
     took = time.monotonic() - t0
     print(f"\n{how} while {state}: repaired after {took * 1000:.0f} ms (tick {TICK_S} s)")
-    assert ev["trigger"] == "timer" and sorted(ev["families"]) == ["ipv4", "ipv6"], ev
+    assert ev["sslvpn_heartbeat.trigger"] == "timer", ev
+    assert sorted(ev["sslvpn_heartbeat.families"]) == ["ipv4", "ipv6"], ev
     bed.wait_both(state, 3.0)
     assert bed.alive()
     bed.agent.check_clean()
@@ -70,7 +71,8 @@ def test_core_killed_right_after_a_wipe_is_blocked_without_waiting_for_the_tick(
     bed.svc.ctl("kill-core")
     bed.wait_both("blocked", 3.0)
     ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
-    print(f"\nblock after a wipe: trigger {ev['trigger']}, {ev.get('transactions')} transactions, "
+    print(f"\nblock after a wipe: trigger {ev['sslvpn_heartbeat.trigger']}, "
+          f"{ev.get('sslvpn_heartbeat.transactions')} transactions, "
           f"{len(bed.agent.find('apply-failed', mark))} apply-failed")
     assert bed.alive()
     bed.agent.check_clean()
@@ -87,4 +89,4 @@ def test_block_right_after_a_wipe_comes_from_the_kernel_event_in_one_round(
     bed.svc.ctl("kill-core")
     ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
     assert not bed.agent.find("apply-failed", mark), bed.agent.dump()
-    assert ev["trigger"] == "pidfd", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev

@@ -57,14 +57,14 @@ def test_cli_block_and_unblock_take_effect_quickly_while_running(bed: Bed) -> No
     bed.cli("block", "--reason", "maintenance")
     assert chain_view(bed.ns).blocked  # the CLI applied the block before it returned
     ev = bed.agent.wait_event("admin-block", 2.0, after=mark)
-    assert ev["trigger"] == "admin" and ev["event.reason"] == "maintenance", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "admin" and ev["event.reason"] == "maintenance", ev
     assert chain_view(bed.ns, 6).blocked
     mark = bed.agent.mark()
     t_unblock = _until(bed.ns, "open", bed.cli("unblock"))
     print(f"\nCLI unblock return -> open {t_unblock * 1000:.1f} ms")
     ev = bed.agent.wait_event("firewall-unblock", 2.0, after=mark)
-    assert ev["trigger"] == "admin", ev
-    print(f"daemon unblock latency_ms={ev['latency_ms']}")
+    assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
+    print(f"daemon unblock latency_ms={ev['sslvpn_heartbeat.latency_ms']}")
     assert t_unblock < REACTION_LIMIT_S
     assert chain_view(bed.ns, 6).open
     bed.agent.check_clean()
@@ -79,8 +79,8 @@ def test_block_recorded_in_the_state_dir_is_applied_by_the_daemon_alone(bed: Bed
     took = _until(bed.ns, "blocked", t0)
     ev = bed.agent.wait_event("firewall-block", 2.0, after=mark)
     print(f"\nadmin file written -> blocked {took * 1000:.1f} ms (daemon latency_ms="
-          f"{ev['latency_ms']})")
-    assert ev["trigger"] == "admin", ev
+          f"{ev['sslvpn_heartbeat.latency_ms']})")
+    assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     assert took < REACTION_LIMIT_S
     t0 = time.monotonic()
     StateDir(bed.state).clear_admin()
@@ -96,7 +96,7 @@ def test_block_drain_rejects_only_syn_and_the_daemon_keeps_it(bed: Bed) -> None:
     mark = bed.agent.mark()
     _until(bed.ns, "drained", bed.cli("block", "--drain"))
     ev = bed.agent.wait_event("firewall-drain", 2.0, after=mark)
-    assert ev["trigger"] == "admin", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     assert chain_view(bed.ns).drained and chain_view(bed.ns, 6).drained
     rule = chain_view(bed.ns).rules[0]
     assert "--tcp-flags FIN,SYN,RST,ACK SYN" in rule, rule
@@ -124,7 +124,7 @@ def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: B
         bed.agent.check_clean()
         bed.agent.start()
         ready = bed.agent.wait_ready()
-        assert ready["mode"] == "block", ready
+        assert ready["sslvpn_heartbeat.mode"] == "block", ready
         sampler.wait_more()  # samples taken after the restart, and none cut off by the cap
     assert bed.svc.get().ok  # the service is healthy, yet the block holds
     not_blocked = [s for s in sampler.samples if not s.blocked]
@@ -142,7 +142,7 @@ def test_admin_block_made_while_no_daemon_runs_is_held_by_the_next_start(bed: Be
     assert chain_view(bed.ns).blocked
     bed.agent.start()
     ready = bed.agent.wait_ready()
-    assert ready["mode"] == "block", ready
+    assert ready["sslvpn_heartbeat.mode"] == "block", ready
     assert not bed.agent.find("firewall-unblock"), bed.agent.dump()
     assert chain_view(bed.ns).blocked
     bed.agent.check_clean()
@@ -160,7 +160,7 @@ def test_unblock_while_the_service_is_down_leaves_the_health_block(bed: Bed) -> 
     mark = bed.agent.mark()
     _until(bed.ns, "blocked", bed.cli("unblock"))
     ev = bed.agent.wait_event("firewall-block", 2.0, after=mark)
-    assert ev["trigger"] == "admin", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     assert not bed.agent.find("firewall-unblock", mark), bed.agent.dump()
     assert chain_view(bed.ns).blocked and chain_view(bed.ns, 6).blocked
     bed.agent.check_clean()

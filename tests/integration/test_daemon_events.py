@@ -47,11 +47,12 @@ def test_core_killed_blocks_the_port_for_a_remote_client_through_pidfd(
     mark = agent.mark()
     svc.ctl("kill-core")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd", ev
-    assert isinstance(ev["latency_ms"], int | float) and ev["latency_ms"] >= 0, ev
-    print(f"\nkill-core -> firewall-block latency_ms={ev['latency_ms']}")
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev
+    latency = ev["sslvpn_heartbeat.latency_ms"]
+    assert isinstance(latency, int | float) and latency >= 0, ev
+    print(f"\nkill-core -> firewall-block latency_ms={ev['sslvpn_heartbeat.latency_ms']}")
     down = agent.find("service-down", mark)
-    assert down and down[0]["trigger"] == "pidfd", agent.dump()
+    assert down and down[0]["sslvpn_heartbeat.trigger"] == "pidfd", agent.dump()
     assert chain_view(netns).blocked and chain_view(netns, 6).blocked
     t0 = time.monotonic()
     reply = svc.get(SERVER_ADDR, client_ns)
@@ -77,7 +78,7 @@ def test_core_restarted_by_rename_is_served_again_after_rise_passes(
     # The inotify event started the rise; the passes after it came from the rise timer,
     # not from the safety net (which cannot fire within this test).
     assert up["event.reason"].startswith("3 passes in a row"), up
-    assert ev["detail"] == "rise", ev
+    assert ev["sslvpn_heartbeat.detail"] == "rise", ev
     assert 0.4 <= took < 3.0, took  # two rise intervals at least, far below the safety net
     print(f"\ncore start -> unblock {took * 1000:.0f} ms (rise 3 x 200 ms)")
     assert chain_view(netns).open and chain_view(netns, 6).open
@@ -87,7 +88,8 @@ def test_core_restarted_by_rename_is_served_again_after_rise_passes(
     new_pid = svc.core_pid
     svc.ctl("kill-core")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd" and ev["detail"] == f"exit pid {new_pid}", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev
+    assert ev["sslvpn_heartbeat.detail"] == f"exit pid {new_pid}", ev
     agent.check_clean()
 
 
@@ -100,13 +102,13 @@ def test_pid_file_deleted_fails_the_probe_at_once_and_blocks_at_the_next_tick(
     assert core is not None
     svc.pid_file.unlink()
     failed = agent.wait_event("probe-failed", 2.0, after=mark)
-    assert failed["trigger"] == "inotify", failed
-    assert failed["check"] == "pid_file", failed
+    assert failed["sslvpn_heartbeat.trigger"] == "inotify", failed
+    assert failed["sslvpn_heartbeat.check"] == "pid_file", failed
     down = agent.wait_event("service-down", 3.0, after=mark)
-    assert down["trigger"] == "timer", down  # a missing file alone is not proof of death
+    assert down["sslvpn_heartbeat.trigger"] == "timer", down  # a missing file alone is not proof of death
     assert down["event.reason"].startswith("2 failures in a row"), down
     block = agent.wait_event("firewall-block", 1.0, after=mark)
-    assert block["trigger"] == "timer", block
+    assert block["sslvpn_heartbeat.trigger"] == "timer", block
     assert chain_view(netns).blocked
     # Putting the PID file back (the core still lives) serves again.
     mark = agent.mark()
@@ -125,10 +127,10 @@ def test_listener_closed_while_the_core_lives_blocks_through_sock_diag(
     mark = agent.mark()
     svc.ctl("stop-listener")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "sock_diag", ev
-    print(f"\nstop-listener -> firewall-block latency_ms={ev['latency_ms']}")
+    assert ev["sslvpn_heartbeat.trigger"] == "sock_diag", ev
+    print(f"\nstop-listener -> firewall-block latency_ms={ev['sslvpn_heartbeat.latency_ms']}")
     failed = agent.find("probe-failed", mark)
-    assert failed and failed[0]["check"] == "listen", agent.dump()
+    assert failed and failed[0]["sslvpn_heartbeat.check"] == "listen", agent.dump()
     assert core is not None and svc.core_pid == core and os.path.exists(f"/proc/{core}")
     assert chain_view(netns).blocked and chain_view(netns, 6).blocked
     agent.check_clean()
@@ -149,9 +151,9 @@ def test_listener_hung_is_blocked_by_the_timer_and_unblocked_after_sigcont(
         ev = agent.wait_event("firewall-block", 4.0, after=mark)
         print(f"\nSIGSTOP -> firewall-block {(time.monotonic() - t0) * 1000:.0f} ms "
               "(interval 0.5 s, timeout 200 ms, fall 2)")
-        assert ev["trigger"] == "timer", ev
+        assert ev["sslvpn_heartbeat.trigger"] == "timer", ev
         failed = agent.find("probe-failed", mark)
-        assert failed and failed[0]["check"] in ("connect", "http"), agent.dump()
+        assert failed and failed[0]["sslvpn_heartbeat.check"] in ("connect", "http"), agent.dump()
         assert chain_view(netns).blocked
         mark = agent.mark()
     finally:
@@ -170,7 +172,7 @@ def test_graceful_stop_removing_the_pid_file_blocks_at_once(netns: Netns, tmp_pa
     mark = agent.mark()
     svc.ctl("stop")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] in ("pidfd", "inotify"), ev
+    assert ev["sslvpn_heartbeat.trigger"] in ("pidfd", "inotify"), ev
     down = agent.find("service-down", mark)
     assert down and down[0]["event.reason"].startswith("confirmed by kernel event"), agent.dump()
     assert chain_view(netns).blocked
@@ -191,7 +193,7 @@ def test_core_killed_refuses_a_remote_ipv6_client_of_a_dual_stack_listener(
     mark = agent.mark()
     svc.ctl("kill-core")
     ev = agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev
     assert chain_view(netns, 6).blocked
     # Over a veth pair the ICMPv6 error for the first SYN comes back while connect() still
     # holds the socket lock, and the kernel counts it as a soft error (TcpExtLockDroppedIcmps):

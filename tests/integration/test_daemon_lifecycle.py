@@ -57,7 +57,7 @@ def test_sigterm_applies_on_exit(netns: Netns, tmp_path: Path, on_exit: str) -> 
     assert info["pid"] == bed.agent.pid and info["mode"] == "block", info
     assert bed.agent.stop() == 0
     stop = bed.agent.find("agent-stop")
-    assert stop and stop[-1]["on_exit"] == on_exit, bed.agent.dump()
+    assert stop and stop[-1]["sslvpn_heartbeat.on_exit"] == on_exit, bed.agent.dump()
     assert not daemon_file.exists()
     for family in (4, 6):
         view = chain_view(netns, family)
@@ -84,7 +84,7 @@ def test_restart_while_blocked_keeps_one_jump_and_the_block_with_no_open_window(
         bed.agent.start()
         ready = bed.agent.wait_ready()
         sampler.wait_more()  # samples taken after the restart, and none cut off by the cap
-    assert ready["mode"] == "block", ready
+    assert ready["sslvpn_heartbeat.mode"] == "block", ready
     lapses = sampler.lapses()
     print(f"\n{len(sampler.samples)} samples during the restart, {len(lapses)} without the block")
     assert not lapses, lapses[:3]
@@ -114,7 +114,7 @@ def test_tampering_while_blocked_is_repaired_by_the_next_tick(
     ev = bed.agent.wait_event("firewall-repair", 3.0, after=mark)
     took = time.monotonic() - t0
     print(f"\n{how}: repaired after {took * 1000:.0f} ms (interval 0.5 s)")
-    assert ev["trigger"] == "timer", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "timer", ev
     wait_for(lambda: chain_view(netns).blocked and chain_view(netns, 6).blocked, 3.0,
              "both families blocked again")
     assert took < 2.0
@@ -149,7 +149,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one_and_keeps_reacting(
     mark = bed.agent.mark()
     bed.svc.ctl("kill-core")
     ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd", ev
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev
     assert chain_view(netns).blocked
     bed.agent.check_clean()
 
@@ -166,7 +166,7 @@ def test_sighup_with_a_good_config_applies_the_new_rise(netns: Netns, tmp_path: 
     mark = bed.agent.mark()
     bed.svc.ctl("kill-core")
     ev = bed.agent.wait_event("firewall-block", 3.0, after=mark)
-    assert ev["trigger"] == "pidfd", ev  # the pidfd was re-armed after the reload
+    assert ev["sslvpn_heartbeat.trigger"] == "pidfd", ev  # the pidfd was re-armed after the reload
     mark = bed.agent.mark()
     bed.svc.ctl("start")
     up = bed.agent.wait_event("service-up", 5.0, after=mark)

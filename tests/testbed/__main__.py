@@ -173,8 +173,9 @@ def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy") ->
         if block is not None:
             _say()
             _say(f"the agent's log (one JSON object per line, here one key per line): port "
-                 f"{s1.port} was blocked {_BOLD}{block.get('latency_ms', 0):.1f} ms{_RESET}")
-            _say(f"after the kernel told it (trigger: {block.get('trigger')}) that the service "
+                 f"{s1.port} was blocked {_BOLD}{block.get('sslvpn_heartbeat.latency_ms', 0):.1f} ms{_RESET}")
+            trigger = block.get("sslvpn_heartbeat.trigger")
+            _say(f"after the kernel told it (trigger: {trigger}) that the service "
                  "had died:")
             _show("\n".join(_event_lines(block)))
         load.wait(timeout=15)

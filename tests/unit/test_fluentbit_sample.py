@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.ecs import check_event
 from watcher.config import LogConfig
+from watcher.logevents import Event
 from watcher.logsetup import configure
 
 SAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "fluent-bit"
@@ -57,11 +59,11 @@ def agent_lines() -> list[str]:
     stream = io.StringIO()
     with configure(LogConfig(), service_name="novell-sslvpn", stream=stream) as lg:
         log = lg.logger()
-        log.info("firewall-block", reason="service down", latency_ms=1.8, detail="pid 4242 ü")
+        log.info(Event.FIREWALL_BLOCK, reason="service down", latency_ms=1.8, detail="pid 4242 ü")
         try:
             raise PermissionError(1, "Operation not permitted")
         except PermissionError:
-            log.exception("internal-error")
+            log.exception(Event.INTERNAL_ERROR)
     return stream.getvalue().splitlines()
 
 
@@ -73,7 +75,7 @@ def test_input_tail_covers_the_file_logrotate_rotates() -> None:
     globs = re.findall(r"^(\S+)\s*\{", LOGROTATE.read_text(), re.M)
     assert inp["Path"] in globs, f"{inp['Path']} is not rotated by {LOGROTATE.name}: {globs}"
     assert inp["DB"].startswith("/var/lib/"), "without a DB a restart re-reads or skips lines"
-    assert int(inp["Rotate_Wait"]) >= 2, "the agent may append to the renamed file for ~1 s"
+    assert int(inp["Rotate_Wait"]) >= 2, "a line in flight at the rename lands in the renamed file"
 
 
 def test_references_resolve() -> None:
@@ -88,7 +90,7 @@ def test_references_resolve() -> None:
 
 
 def test_parser_reads_the_agents_real_lines() -> None:
-    """Every agent line is single-line JSON with the parser's time key in the parser's format."""
+    """Every agent line is single-line ECS JSON with the parser's time key in the parser's format."""
     parser = one(sections(SAMPLE / "sslvpn-heartbeat-parsers.conf"), "PARSER")
     assert parser["Format"] == "json"
     # Fluent Bit's %L is the fractional seconds; Python's %f reads the same digits.
@@ -97,6 +99,7 @@ def test_parser_reads_the_agents_real_lines() -> None:
     assert len(lines) == 2
     for line in lines:
         ev = json.loads(line)
+        check_event(ev)
         stamp = ev[parser["Time_Key"]]
         parsed = dt.datetime.strptime(stamp, fmt)
         assert parsed.microsecond % 1000 == 0 and stamp.endswith("Z")

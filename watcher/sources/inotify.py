@@ -23,6 +23,7 @@ from typing import Any
 import pyinotify
 
 from watcher.events import Evidence, Source, Trigger
+from watcher.logevents import Event
 
 __all__ = ["PidFileWatch"]
 
@@ -71,7 +72,7 @@ class PidFileWatch:
         except OSError as exc:
             # No inotify instance to be had (fs.inotify.max_user_instances reached): the pidfd,
             # sock_diag and the safety-net timer still work; say so once and do without.
-            self._log.error("pidfile-watch-failed", path=str(self.pid_file.parent),
+            self._log.error(Event.PIDFILE_WATCH_FAILED, path=str(self.pid_file.parent),
                             reason=f"inotify unavailable: {exc}")
             return
         self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._on_event)
@@ -116,13 +117,13 @@ class PidFileWatch:
                 self._wd, self._watched = wd, directory
                 break
         else:
-            self._log.error("pidfile-watch-failed", path=str(self.pid_file.parent))
+            self._log.error(Event.PIDFILE_WATCH_FAILED, path=str(self.pid_file.parent))
             return
         if self._watched == self.pid_file.parent:
             if announce:
                 self._hint("directory appeared", now)
         else:
-            self._log.warning("pidfile-directory-missing", path=str(self.pid_file.parent),
+            self._log.warning(Event.PIDFILE_DIRECTORY_MISSING, path=str(self.pid_file.parent),
                               watching=str(self._watched))
             # The next directory down may have appeared between the lookup and the watch.
             step = self._next_step()
@@ -150,7 +151,7 @@ class PidFileWatch:
         try:
             notifier.read_events()
         except Exception as exc:  # pyinotify raises bare errors on undecodable names
-            self._log.warning("inotify-read-failed", reason=str(exc))
+            self._log.warning(Event.INOTIFY_READ_FAILED, reason=str(exc))
             self._hint("read error", self._now)
             return
         notifier.process_events()
@@ -160,7 +161,7 @@ class PidFileWatch:
         mask = int(event.mask)
         wd = getattr(event, "wd", None)
         if mask & pyinotify.IN_Q_OVERFLOW:
-            self._log.warning("inotify-overflow")
+            self._log.warning(Event.INOTIFY_OVERFLOW)
             self._hint("overflow", now)
             return
         if wd is None or wd != self._wd:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from watcher.events import Evidence, Source, Trigger
+from watcher.logevents import Event
 
 __all__ = ["ProcessWatch"]
 
@@ -72,7 +73,7 @@ class ProcessWatch:
             return False
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # a thread, not a process (thread-group leader)
-                self._log.warning("pidfd-open-failed", pid=pid, reason=os.strerror(exc.errno))
+                self._log.warning(Event.PIDFD_OPEN_FAILED, pid=pid, reason=os.strerror(exc.errno))
                 return False
             raise
         if _readable(fd):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from watcher.events import Evidence, Source, Trigger
+from watcher.logevents import Event
 from watcher.sources._netlink import (
     NLMSG_DONE,
     NetlinkDecodeError,
@@ -246,7 +247,7 @@ class ProcConnectorSource:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         if exc.errno == errno.ECONNREFUSED:
             reason += " (not the initial network namespace)"
-        self._log.warning("proc-connector-unavailable", reason=reason)
+        self._log.warning(Event.PROC_CONNECTOR_UNAVAILABLE, reason=reason)
 
     def _on_readable(self) -> None:
         sock = self._sock
@@ -259,21 +260,21 @@ class ProcConnectorSource:
                 if exc.errno == errno.ENOBUFS:
                     self._overrun(sock)
                     continue
-                self._log.error("proc-connector-error", reason=os.strerror(exc.errno or 0))
+                self._log.error(Event.PROC_CONNECTOR_ERROR, reason=os.strerror(exc.errno or 0))
                 self.close()
                 return
             now = self._clock()
             try:
                 events = decode_proc_events(data)
             except NetlinkDecodeError as exc:
-                self._log.warning("proc-connector-bad-message", reason=str(exc), size=len(data))
+                self._log.warning(Event.PROC_CONNECTOR_BAD_MESSAGE, reason=str(exc), size=len(data))
                 continue
             for event in events:
                 self._handle(event, now)
 
     def _overrun(self, sock: socket.socket) -> None:
         size = grow_rcvbuf(sock)
-        self._log.warning("proc-connector-overrun", rcvbuf=size)
+        self._log.warning(Event.PROC_CONNECTOR_OVERRUN, rcvbuf=size)
         self._emit(Trigger(Source.PROC_CONNECTOR, "overrun", self._clock(), Evidence.HINT))
 
     def _handle(self, event: ProcEvent, now: int) -> None:
@@ -283,7 +284,7 @@ class ProcConnectorSource:
         if kind is ProcEventKind.NONE:
             # The kernel echoes our ack + 1 (its seq is its own counter): ours, not a neighbour's.
             if event.cn_ack == self._nonce + 1 and event.err:
-                self._log.warning("proc-connector-unavailable", reason=os.strerror(event.err))
+                self._log.warning(Event.PROC_CONNECTOR_UNAVAILABLE, reason=os.strerror(event.err))
                 self.close()
             return
         pid = self._pid

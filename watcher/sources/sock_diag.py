@@ -38,6 +38,7 @@ from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import SS_LISTEN
 
 from watcher.events import Evidence, Source, Trigger
+from watcher.logevents import Event
 from watcher.sources._netlink import NetlinkDecodeError, grow_rcvbuf, iter_messages, open_netlink
 
 __all__ = [
@@ -201,7 +202,7 @@ class ListenerWatch:
                                 groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY),
                                 rcvbuf=self._rcvbuf)
         except OSError as exc:
-            self._log.warning("sock-diag-destroy-unavailable",
+            self._log.warning(Event.SOCK_DIAG_DESTROY_UNAVAILABLE,
                               reason=os.strerror(exc.errno) if exc.errno else str(exc))
             return
         self._sock, self._loop, self.available = sock, loop, True
@@ -231,17 +232,17 @@ class ListenerWatch:
                     # Destroys were dropped: one of them may have been ours. Every TCP socket
                     # of the namespace is reported here, so a busy server can fill the buffer.
                     size = grow_rcvbuf(sock)
-                    self._log.warning("sock-diag-overrun", rcvbuf=size)
+                    self._log.warning(Event.SOCK_DIAG_OVERRUN, rcvbuf=size)
                     self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT))
                     continue
-                self._log.error("sock-diag-error", reason=os.strerror(exc.errno or 0))
+                self._log.error(Event.SOCK_DIAG_ERROR, reason=os.strerror(exc.errno or 0))
                 self.close()
                 return
             now = self._clock()
             try:
                 events = decode_sock_diag(data)
             except NetlinkDecodeError as exc:
-                self._log.warning("sock-diag-bad-message", reason=str(exc), size=len(data))
+                self._log.warning(Event.SOCK_DIAG_BAD_MESSAGE, reason=str(exc), size=len(data))
                 continue
             for event in events:
                 if event.is_listener_on(self.port):
