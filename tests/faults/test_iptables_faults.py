@@ -93,7 +93,7 @@ def test_sigterm_while_the_lock_stays_held_exits_within_10s_with_a_whole_chain(
     assert took < 10.0, bed.agent.dump()
     assert rc == 75, bed.agent.stderr()
     stop = bed.agent.find("agent-stop", mark)
-    assert stop and stop[-1]["exit_code"] == 75, bed.agent.dump()
+    assert stop and stop[-1]["sslvpn_heartbeat.exit_code"] == 75, bed.agent.dump()
     assert any("on_exit=open" in e["event.reason"] for e in bed.agent.find("apply-failed", mark))
     for view in views:
         assert valid(view) and view.blocked, views  # nothing could change under the held lock

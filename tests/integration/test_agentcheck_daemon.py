@@ -63,7 +63,7 @@ def test_answers_follow_health_and_admin_block(netns: Netns, tmp_path: Path) -> 
     wait_for(lambda: ask(netns) == "up ready 100%\n", 5.0, "up again after unblock")
     svc.ctl("kill-core")
     answer = wait_for(lambda: (a := ask(netns)).startswith("down ready #") and a, 5.0, "down")
-    assert "not running" in answer, answer
+    assert "not running" in answer or "zombie" in answer, answer  # reaped yet or not
     svc.ctl("start")
     wait_for(lambda: ask(netns) == "up ready 100%\n", 10.0, "up after the restart")
     assert agent.stop() == 0
@@ -91,8 +91,9 @@ def test_clients_that_never_read_do_not_delay_a_failover(netns: Netns, tmp_path:
         svc.ctl("kill-core")
         ev = agent.wait_event("firewall-block", 5.0, after=mark)
         assert chain_view(netns).blocked
-        print(f"\nfailover with 100 silent agent-check clients: {ev['latency_ms']} ms")
-        assert ev["latency_ms"] < 1000, ev
+        latency = ev["sslvpn_heartbeat.latency_ms"]
+        print(f"\nfailover with 100 silent agent-check clients: {latency} ms")
+        assert latency < 1000, ev
         assert ask(netns).startswith("down ready #")  # and the listener still answers
     finally:
         for s in held:

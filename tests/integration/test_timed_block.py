@@ -74,10 +74,10 @@ def test_the_running_daemon_lifts_a_timed_block_at_until(bed: Bed) -> None:
     opened = _opened_at(bed.ns, 5.0 + LIFT_LATE_S + 3.0)
     print(f"\nchain opened {(opened - rec.until) * 1000:.1f} ms after until")
     assert rec.until <= opened < rec.until + LIFT_LATE_S
-    ev = bed.agent.wait_event("admin-unblock", 2.0, after=mark, **{"event.reason": "expired"})
-    assert ev["trigger"] == "admin", ev
+    ev = bed.agent.wait_event("admin-unblock", 2.0, after=mark, reason="expired")
+    assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     unblock = bed.agent.wait_event("firewall-unblock", 2.0, after=mark, trigger="admin")
-    assert unblock["detail"] == "timed block expired", unblock
+    assert unblock["sslvpn_heartbeat.detail"] == "timed block expired", unblock
     assert not (bed.state / ADMIN_FILE).exists()
     assert chain_view(bed.ns, 6).open
     assert bed.status()["admin_block"] is None
@@ -94,12 +94,12 @@ def test_a_timed_drain_survives_a_daemon_restart_and_lifts_at_until(bed: Bed) ->
     assert bed.agent.stop() == 0
     assert chain_view(bed.ns).drained  # on_exit=open keeps an admin block
     bed.agent.start()
-    assert bed.agent.wait_ready()["mode"] == "drain"
+    assert bed.agent.wait_ready()["sslvpn_heartbeat.mode"] == "drain"
     assert time.time() < rec.until, "the restart took the whole block: raise the duration"
     mark = bed.agent.mark()
     opened = _opened_at(bed.ns, 6.0 + LIFT_LATE_S + 3.0)
     assert rec.until <= opened < rec.until + LIFT_LATE_S
-    bed.agent.wait_event("admin-unblock", 2.0, after=mark, **{"event.reason": "expired"})
+    bed.agent.wait_event("admin-unblock", 2.0, after=mark, reason="expired")
     bed.agent.check_clean()
 
 
@@ -108,9 +108,9 @@ def test_a_daemon_starting_on_an_expired_record_treats_it_as_no_block(bed: Bed) 
     chain on a healthy service, removes the record and logs admin-unblock expired."""
     StateDir(bed.state).set_admin(False, "before the reboot", until=time.time() - 5)
     bed.agent.start()
-    assert bed.agent.wait_ready()["mode"] == "open"
-    ev = bed.agent.wait_event("admin-unblock", 2.0, **{"event.reason": "expired"})
-    assert ev["until"] is not None, ev
+    assert bed.agent.wait_ready()["sslvpn_heartbeat.mode"] == "open"
+    ev = bed.agent.wait_event("admin-unblock", 2.0, reason="expired")
+    assert ev["sslvpn_heartbeat.until"] is not None, ev
     assert not bed.agent.find("admin-block")
     assert not (bed.state / ADMIN_FILE).exists()
     assert chain_view(bed.ns).open
