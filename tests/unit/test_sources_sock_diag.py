@@ -49,6 +49,19 @@ def test_accepted_connection_is_not_a_listener() -> None:
     assert not event.is_listener_on(8080)
 
 
+@pytest.mark.parametrize("name", ["client", "unbound", "other_port"])
+def test_other_sockets_are_not_listeners_on_the_port(name: str) -> None:
+    """A client of the port, an unbound socket and another port's listener do not match."""
+    assert not _captured(name).is_listener_on(8080)
+
+
+def test_a_bound_socket_that_never_listened_matches() -> None:
+    """A socket bound to the port with no peer matches like a listener (the probe decides)."""
+    event = _captured("bound")
+    assert (event.sport, event.dport, event.state) == (8080, 0, 7)
+    assert event.is_listener_on(8080)
+
+
 def test_other_message_types_are_skipped() -> None:
     """A netlink message of another type in the datagram yields nothing."""
     (msg,) = iter_messages((DATA / "diag_destroy_v4.bin").read_bytes())
@@ -69,7 +82,8 @@ def test_garbage_never_crashes(data: bytes) -> None:
         decode_sock_diag(data)
 
 
-@given(st.sampled_from(["v4", "v6", "dual", "accepted"]), st.integers(0, 379),
+@given(st.sampled_from(["v4", "v6", "dual", "accepted", "client", "bound", "unbound"]),
+       st.integers(0, 379),
        st.binary(min_size=1, max_size=8))
 def test_mutated_capture_never_crashes(name: str, at: int, noise: bytes) -> None:
     """A captured datagram with bytes overwritten decodes or raises NetlinkDecodeError."""
