@@ -13,10 +13,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["ICMP_LIMITS_OFF", "iptables_flavour", "machine_line"]
+__all__ = ["ICMP_LIMITS_KEPT", "ICMP_LIMITS_OFF", "iptables_flavour", "machine_line"]
 
 ICMP_LIMITS_OFF = ("ICMP rate limits off in the server namespaces (icmp_ratelimit=0): with "
                    "them on, one client address gets a burst of 6 ICMP errors then 1 a second")
+ICMP_LIMITS_KEPT = ("ICMP rate limits kept (the kernel's defaults: one peer address gets a burst of "
+                    "6 ICMP errors then 1 a second)")
 
 
 def _cpu_model() -> str:
