@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from watcher.sources._netlink import NetlinkDecodeError, iter_messages, pack_message
-from watcher.sources.sock_diag import SOCK_DIAG_BY_FAMILY, SockEvent, decode_sock_diag
+from watcher.sources._sockfilter import listener_filter
+from watcher.sources.sock_diag import (
+    SOCK_DIAG_BY_FAMILY,
+    UNFILTERED_ENV,
+    ListenerWatch,
+    SockEvent,
+    decode_sock_diag,
+)
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["diag"]
@@ -91,3 +98,14 @@ def test_mutated_capture_never_crashes(name: str, at: int, noise: bytes) -> None
     raw[at:at + len(noise)] = noise
     with contextlib.suppress(NetlinkDecodeError):
         decode_sock_diag(bytes(raw))
+
+
+def test_the_watch_builds_the_filter_for_its_own_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch (made anew on each reload) filters for its port; the benchmark switch turns it off."""
+    monkeypatch.delenv(UNFILTERED_ENV, raising=False)
+    watch = ListenerWatch(8081, lambda t: None, None)
+    assert watch.filtered and watch._program == listener_filter(8081) != listener_filter(8080)
+    assert not ListenerWatch(8081, lambda t: None, None, kernel_filter=False).filtered
+    monkeypatch.setenv(UNFILTERED_ENV, "1")
+    assert not ListenerWatch(8081, lambda t: None, None).filtered
+    assert ListenerWatch(8081, lambda t: None, None, kernel_filter=True).filtered

@@ -48,6 +48,7 @@ __all__ = [
     "NETLINK_SOCK_DIAG",
     "SKNLGRP_INET6_TCP_DESTROY",
     "SKNLGRP_INET_TCP_DESTROY",
+    "UNFILTERED_ENV",
     "Listener",
     "ListenerWatch",
     "NetlinkDecodeError",
