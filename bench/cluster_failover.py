@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.failover import AgentSettings, percentile, protector_argv
+from bench.machine import ICMP_LIMITS_KEPT, machine_line
 from tests.netns import wait_for
 from tests.testbed.cluster import Cluster, Server
 from tests.testbed.load import read_records
@@ -138,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           down_s=a.down_s, up_s=a.up_s, lead_s=a.lead_s,
                                           workdir=Path(tmp), http_mode=a.http_mode,
                                           progress=a.verbose)
+    print(machine_line(ICMP_LIMITS_KEPT))
     print(f"# bench.cluster_failover: {a.failovers} failovers of server 1 of {a.servers}, "
           f"{a.rate:g} req/s, down {a.down_s:g} s, up {a.up_s:g} s, HAProxy {a.http_mode}; "
           f"kernel {os.uname().release}, "

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from bench.machine import ICMP_LIMITS_KEPT, ICMP_LIMITS_OFF, machine_line
 from tests.cfg import write_config
 from tests.netns import REPO, Netns, veth_pair, wait_for
 from tests.testbed import fakesvc
@@ -659,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timed = _measure("agent", a.breakdown_rounds, lim, agent, True, a.verbose,
                          a.icmp_ratelimit)
         results["agent"]["breakdown"] = timed["breakdown"]
+    print(machine_line(ICMP_LIMITS_KEPT if a.icmp_ratelimit else ICMP_LIMITS_OFF))
     print(f"# bench.failover: {a.rounds} rounds, connect pace {a.pace_us:g} us, kernel "
           f"{os.uname().release}, {os.cpu_count()} CPUs (load average "
           f"{os.getloadavg()[0]:.1f}), ICMP rate limit "

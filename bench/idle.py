@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.failover import PROTECTORS, AgentSettings, ServerBed
+from bench.machine import ICMP_LIMITS_OFF, machine_line
 
 __all__ = ["Sample", "main", "parse_strace_summary", "sample"]
 
@@ -232,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wake_episodes": episodes[name],
             "syscalls": calls.get(name, {}),
         }
+    print(machine_line(ICMP_LIMITS_OFF))
     print(f"# bench.idle: {a.seconds:g} s window, kernel {os.uname().release}, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), CLK_TCK {CLK_TCK}; "
           f"agent interval_s={agent.interval_s}")

@@ -328,8 +328,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench.rules_swap: run as root with iproute2 installed", file=sys.stderr)
         return 69
 
+    from bench.machine import machine_line
     from tests.netns import REPO, Netns, legacy_path_dir
 
+    print(machine_line())
     print(_versions())
     with tempfile.TemporaryDirectory(prefix="rules-swap-") as tmp, Netns("svbench") as ns, \
             legacy_path_dir(Path(tmp)) as legacy_path:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.machine import machine_line
 from tests.agent import Agent, Service, agent_config, chain_view
 from tests.netns import Netns, wait_for
 from tests.testbed.fakesvc import write_pid_atomic
@@ -263,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work directory: {work}")
+    print(machine_line())
     print(report(soak))
     if args.json is not None:
         args.json.write_text(json.dumps(asdict(soak), indent=2) + "\n")

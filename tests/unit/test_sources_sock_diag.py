@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from watcher.sources._netlink import NetlinkDecodeError, iter_messages, pack_message
-from watcher.sources.sock_diag import SOCK_DIAG_BY_FAMILY, SockEvent, decode_sock_diag
+from watcher.sources._sockfilter import listener_filter
+from watcher.sources.sock_diag import (
+    SOCK_DIAG_BY_FAMILY,
+    UNFILTERED_ENV,
+    ListenerWatch,
+    SockEvent,
+    decode_sock_diag,
+)
 
 DATA = Path(__file__).parent / "data"
 EXPECTED = json.loads((DATA / "expected.json").read_text())["diag"]
@@ -49,6 +56,19 @@ def test_accepted_connection_is_not_a_listener() -> None:
     assert not event.is_listener_on(8080)
 
 
+@pytest.mark.parametrize("name", ["client", "unbound", "other_port"])
+def test_other_sockets_are_not_listeners_on_the_port(name: str) -> None:
+    """A client of the port, an unbound socket and another port's listener do not match."""
+    assert not _captured(name).is_listener_on(8080)
+
+
+def test_a_bound_socket_that_never_listened_matches() -> None:
+    """A socket bound to the port with no peer matches like a listener (the probe decides)."""
+    event = _captured("bound")
+    assert (event.sport, event.dport, event.state) == (8080, 0, 7)
+    assert event.is_listener_on(8080)
+
+
 def test_other_message_types_are_skipped() -> None:
     """A netlink message of another type in the datagram yields nothing."""
     (msg,) = iter_messages((DATA / "diag_destroy_v4.bin").read_bytes())
@@ -69,7 +89,8 @@ def test_garbage_never_crashes(data: bytes) -> None:
         decode_sock_diag(data)
 
 
-@given(st.sampled_from(["v4", "v6", "dual", "accepted"]), st.integers(0, 379),
+@given(st.sampled_from(["v4", "v6", "dual", "accepted", "client", "bound", "unbound"]),
+       st.integers(0, 379),
        st.binary(min_size=1, max_size=8))
 def test_mutated_capture_never_crashes(name: str, at: int, noise: bytes) -> None:
     """A captured datagram with bytes overwritten decodes or raises NetlinkDecodeError."""
@@ -77,3 +98,14 @@ def test_mutated_capture_never_crashes(name: str, at: int, noise: bytes) -> None
     raw[at:at + len(noise)] = noise
     with contextlib.suppress(NetlinkDecodeError):
         decode_sock_diag(bytes(raw))
+
+
+def test_the_watch_builds_the_filter_for_its_own_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A watch (made anew on each reload) filters for its port; the benchmark switch turns it off."""
+    monkeypatch.delenv(UNFILTERED_ENV, raising=False)
+    watch = ListenerWatch(8081, lambda t: None, None)
+    assert watch.filtered and watch._program == listener_filter(8081) != listener_filter(8080)
+    assert not ListenerWatch(8081, lambda t: None, None, kernel_filter=False).filtered
+    monkeypatch.setenv(UNFILTERED_ENV, "1")
+    assert not ListenerWatch(8081, lambda t: None, None).filtered
+    assert ListenerWatch(8081, lambda t: None, None, kernel_filter=True).filtered

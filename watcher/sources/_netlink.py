@@ -1,6 +1,7 @@
 """Small stdlib netlink helpers shared by the proc connector and sock_diag sources.
 
-Only what the two sources need: open a non-blocking netlink socket, split a datagram into
+Only what the two sources need: open a non-blocking netlink socket (with a socket filter
+when asked), split a datagram into
 netlink messages (a pure function that raises :class:`NetlinkDecodeError` on malformed input,
 never anything else), and grow the receive buffer after an overrun.
 """
@@ -13,12 +14,11 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from watcher.sources._sockfilter import attach_filter
+
 __all__ = [
     "NLMSG_DONE",
-    "NLMSG_ERROR",
     "NLMSG_HDR",
-    "NLMSG_NOOP",
-    "NLMSG_OVERRUN",
     "SOL_NETLINK",
     "NetlinkDecodeError",
     "NlMessage",
@@ -30,10 +30,7 @@ __all__ = [
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-NLMSG_NOOP = 1
-NLMSG_ERROR = 2
 NLMSG_DONE = 3
-NLMSG_OVERRUN = 4
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # struct nlmsghdr: u32 len, u16 type, u16 flags, u32 seq, u32 port id (host byte order).
@@ -81,9 +78,11 @@ def pack_message(typ: int, flags: int, seq: int, payload: bytes) -> bytes:
 
 
 def open_netlink(protocol: int, *, sock_type: int = socket.SOCK_DGRAM,
-                 groups: tuple[int, ...] = (), rcvbuf: int | None = None) -> socket.socket:
+                 groups: tuple[int, ...] = (), rcvbuf: int | None = None,
+                 program: bytes | None = None) -> socket.socket:
     """A bound, non-blocking, close-on-exec netlink socket joined to the given multicast groups,
-    with an initial receive buffer of ``rcvbuf`` bytes when given.
+    with an initial receive buffer of ``rcvbuf`` bytes when given, and the classic BPF
+    ``program`` attached before it is bound, so no datagram reaches it unfiltered.
 
     Raises OSError from the kernel as is (EPROTONOSUPPORT, EPERM, ...); the socket is closed
     on failure.
@@ -93,6 +92,8 @@ def open_netlink(protocol: int, *, sock_type: int = socket.SOCK_DGRAM,
     try:
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if program is not None:
+            attach_filter(sock, program)
         sock.bind((0, 0))
         for group in groups:
             sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)

@@ -2,12 +2,16 @@
 
 Two uses:
 
-* ``dump_listeners`` / ``listening``: the TCP LISTEN sockets on a port, IPv4 and IPv6, through
-  pyroute2's DiagSocket. pyroute2 0.9's synchronous sockets refuse to run inside a running
-  asyncio loop (0.7's run inline), so inside a loop the dump runs in a short-lived thread;
-  outside one it runs inline. The port is filtered on our side (0.7 has no ``sport=``).
+* ``listening``: whether a TCP LISTEN socket is on a port, IPv4 and IPv6, through pyroute2's
+  DiagSocket, run in a worker thread (pyroute2 0.9's synchronous sockets refuse to run inside a
+  running asyncio loop). The port is filtered on our side (0.7 has no ``sport=``).
 * ``ListenerWatch``: the SKNLGRP_INET_TCP_DESTROY and SKNLGRP_INET6_TCP_DESTROY multicast
-  groups, read with a stdlib netlink socket registered with ``loop.add_reader``.
+  groups, read with a stdlib netlink socket registered with ``loop.add_reader``. The groups
+  report every TCP socket freed in the namespace; a classic BPF socket filter
+  (``_sockfilter.listener_filter``) drops in the kernel those that cannot be a listener on the
+  port, so the service's own traffic does not wake the agent. The check in Python stays the
+  truth. The environment variable ``SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS=1`` leaves the filter
+  off: it exists only so that ``bench/traffic.py`` can measure what the filter saves.
 
 Limits of the facility: everything is per network namespace (the one this process is in);
 joining the destroy groups may need CAP_NET_ADMIN (6.18 lets any process join and receive);
@@ -28,7 +32,6 @@ import errno
 import os
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,17 +43,19 @@ from pyroute2.netlink.diag import SS_LISTEN
 from watcher.events import Evidence, Source, Trigger
 from watcher.logevents import Event
 from watcher.sources._netlink import NetlinkDecodeError, grow_rcvbuf, iter_messages, open_netlink
+from watcher.sources._sockfilter import listener_filter
 
 __all__ = [
     "NETLINK_SOCK_DIAG",
     "SKNLGRP_INET6_TCP_DESTROY",
     "SKNLGRP_INET_TCP_DESTROY",
+    "UNFILTERED_ENV",
     "Listener",
     "ListenerWatch",
     "NetlinkDecodeError",
     "SockEvent",
     "decode_sock_diag",
-    "dump_listeners",
+    "established",
     "listening",
 ]
 
@@ -60,6 +65,7 @@ SKNLGRP_INET_TCP_DESTROY = 1
 SKNLGRP_INET6_TCP_DESTROY = 3
 TCP_CLOSE = 7
 TCP_LISTEN = 10
+UNFILTERED_ENV = "SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS"  # benchmarks only: see the docstring
 
 # struct inet_diag_msg: u8 family, state, timer, retrans; inet_diag_sockid {be16 sport, dport;
 # be32 src[4], dst[4]; u32 if; u32 cookie[2]}; u32 expires, rqueue, wqueue, uid, inode.
@@ -139,37 +145,6 @@ def _dump(port: int) -> list[Listener]:
     return found
 
 
-def _in_thread(port: int) -> list[Listener]:
-    result: list[list[Listener]] = []
-    error: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            result.append(_dump(port))
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=work, name="sock-diag-dump", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
-def dump_listeners(port: int) -> list[Listener]:
-    """The TCP LISTEN sockets on ``port`` (IPv4 and IPv6) in this network namespace.
-
-    Callable with or without a running asyncio loop in the calling thread (it then blocks the
-    loop for the dump, well under a millisecond for a few sockets); raises OSError from netlink.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _dump(port)
-    return _in_thread(port)
-
-
 async def listening(port: int) -> bool:
     """True when a TCP LISTEN socket on ``port`` exists; never blocks the running loop."""
     return bool(await asyncio.to_thread(_dump, port))
@@ -180,18 +155,32 @@ class ListenerWatch:
 
     ``rcvbuf``, when given, is the initial socket receive buffer size in bytes. When destroys
     were dropped (ENOBUFS) the buffer is grown and a HINT asks for a probe at once.
+    ``kernel_filter`` attaches the classic BPF filter for ``port`` (the default, unless
+    ``SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS=1`` is set); ``wakeups`` and ``datagrams`` count the
+    reader's callbacks and the datagrams it read, for the tests and benchmarks.
     """
 
     def __init__(self, port: int, emit: Callable[[Trigger], None], log: Any, *,
-                 clock: Callable[[], int] = time.monotonic_ns, rcvbuf: int | None = None) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, rcvbuf: int | None = None,
+                 kernel_filter: bool | None = None) -> None:
         self.port = port
         self._emit = emit
         self._log = log
         self._clock = clock
         self._rcvbuf = rcvbuf
+        if kernel_filter is None:
+            kernel_filter = os.environ.get(UNFILTERED_ENV, "") != "1"
+        self._program = listener_filter(port) if kernel_filter else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self.available = False
+        self.wakeups = 0
+        self.datagrams = 0
+
+    @property
+    def filtered(self) -> bool:
+        """True when the kernel filter is (to be) attached to the destroy socket."""
+        return self._program is not None
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Join the destroy groups and start reading; if the kernel refuses, log once and idle."""
@@ -200,7 +189,7 @@ class ListenerWatch:
         try:
             sock = open_netlink(NETLINK_SOCK_DIAG, sock_type=socket.SOCK_RAW,
                                 groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY),
-                                rcvbuf=self._rcvbuf)
+                                rcvbuf=self._rcvbuf, program=self._program)
         except OSError as exc:
             self._log.warning(Event.SOCK_DIAG_DESTROY_UNAVAILABLE,
                               reason=os.strerror(exc.errno) if exc.errno else str(exc))
@@ -222,6 +211,7 @@ class ListenerWatch:
 
     def _on_readable(self) -> None:
         sock = self._sock
+        self.wakeups += 1
         while sock is not None and self._sock is sock:
             try:
                 data = sock.recv(65536)
@@ -229,8 +219,9 @@ class ListenerWatch:
                 return
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    # Destroys were dropped: one of them may have been ours. Every TCP socket
-                    # of the namespace is reported here, so a busy server can fill the buffer.
+                    # Destroys were dropped: one of them may have been ours. Without the kernel
+                    # filter every TCP socket of the namespace is reported here, so a busy server
+                    # can fill the buffer; with it only sockets bound to the port with no peer.
                     size = grow_rcvbuf(sock)
                     self._log.warning(Event.SOCK_DIAG_OVERRUN, rcvbuf=size)
                     self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT))
@@ -238,6 +229,7 @@ class ListenerWatch:
                 self._log.error(Event.SOCK_DIAG_ERROR, reason=os.strerror(exc.errno or 0))
                 self.close()
                 return
+            self.datagrams += 1
             now = self._clock()
             try:
                 events = decode_sock_diag(data)
@@ -252,10 +244,13 @@ class ListenerWatch:
 
 
 TCP_ESTABLISHED = 1
-__all__ += ["established"]  # kept beside the function, so the list above stays as it was
 
 
-def _count_established(port: int) -> int:
+def established(port: int) -> int:
+    """How many ESTABLISHED TCP connections (IPv4 and IPv6) have ``port`` as their local port
+    in this network namespace: the sessions a drain waits for. One sock_diag dump of the
+    established sockets per call (the port is filtered here); for the CLI, not the event loop;
+    raises OSError from netlink."""
     count = 0
     with DiagSocket() as ds:
         ds.bind()
@@ -264,31 +259,3 @@ def _count_established(port: int) -> int:
                 if msg["idiag_sport"] == port and msg["idiag_state"] == TCP_ESTABLISHED:
                     count += 1
     return count
-
-
-def established(port: int) -> int:
-    """How many ESTABLISHED TCP connections (IPv4 and IPv6) have ``port`` as their local port
-    in this network namespace: the sessions a drain waits for.
-
-    One sock_diag dump of the established sockets per call (the port is filtered on our side);
-    callable with or without a running asyncio loop; raises OSError from netlink.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _count_established(port)
-    box: list[int] = []
-    error: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            box.append(_count_established(port))
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=work, name="sock-diag-established", daemon=True)
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return box[0]

@@ -4,7 +4,10 @@
     ip netns exec NAME python -m tests.unit.data.capture_kernel_bytes diag   # in a throwaway one
 
 ``cn`` spawns ``true`` and saves the proc connector datagrams about it (ack, fork, exec, exit);
-``diag`` opens and closes listeners on port 8080 and saves the sock_diag destroy broadcasts.
+``diag`` opens and closes listeners on port 8080 and saves the sock_diag destroy broadcasts,
+and those of sockets that are not listeners (an accepted connection, its client, a socket bound
+to the port that never listened, an unbound one, a listener on another port); it also closes a
+burst of sockets and records how many messages each destroy datagram held.
 ``expected.json`` records the facts the tests assert (pids, ports, addresses).
 """
 
@@ -18,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from watcher.sources._netlink import open_netlink
+from watcher.sources._netlink import SO_RCVBUFFORCE, open_netlink
 from watcher.sources.proc_connector import (
     CN_IDX_PROC,
     NETLINK_CONNECTOR,
@@ -31,6 +34,7 @@ from watcher.sources.sock_diag import (
     NETLINK_SOCK_DIAG,
     SKNLGRP_INET6_TCP_DESTROY,
     SKNLGRP_INET_TCP_DESTROY,
+    decode_sock_diag,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -75,6 +79,7 @@ def capture_cn() -> None:
 def capture_diag() -> None:
     sock = open_netlink(NETLINK_SOCK_DIAG, sock_type=socket.SOCK_RAW,
                         groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY))
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)  # the burst below must fit
     cases = {"v4": (socket.AF_INET, "127.0.0.1"), "v6": (socket.AF_INET6, "::1"),
              "dual": (socket.AF_INET6, "::")}
     for name, (family, address) in cases.items():
@@ -94,7 +99,29 @@ def capture_diag() -> None:
     conn.close()
     (HERE / "diag_destroy_accepted.bin").write_bytes(_recv(sock))
     client.close()
-    _update_expected("diag", {"port": 8080, "accepted_peer_port": client_port})
+    (HERE / "diag_destroy_client.bin").write_bytes(_recv(sock))
+    bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the accepted one's TIME_WAIT
+    bound.bind(("127.0.0.1", 8080))
+    bound.close()
+    (HERE / "diag_destroy_bound.bin").write_bytes(_recv(sock))
+    socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    (HERE / "diag_destroy_unbound.bin").write_bytes(_recv(sock))
+    socket.create_server(("127.0.0.1", 8081)).close()
+    (HERE / "diag_destroy_other_port.bin").write_bytes(_recv(sock))
+    # A burst: do the destroy groups ever pack several messages into one datagram?
+    burst = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(500)]
+    for s in burst:
+        s.close()
+    per_datagram: set[int] = set()
+    seen = 0
+    while seen < len(burst):
+        n = len(decode_sock_diag(_recv(sock)))
+        per_datagram.add(n)
+        seen += n
+    _update_expected("diag", {"port": 8080, "accepted_peer_port": client_port,
+                              "client_port": client_port,
+                              "burst_messages_per_datagram": sorted(per_datagram)})
 
 
 if __name__ == "__main__":
