@@ -60,6 +60,7 @@ __all__ = [
     "Tick",
     "desired_mode",
     "initial",
+    "outranks",
     "step",
 ]
 
@@ -313,6 +314,14 @@ Action = (SetFirewall | RemoveChain | ProbeAt | RetryAt | ReadAdminAt | Log | Pu
 
 
 # ------------------------------------------------------------------------------------ pure parts
+
+def outranks(new: Trigger, cur: Trigger) -> bool:
+    """True when ``new`` should replace the pending ``cur``: stronger evidence, or as strong
+    and earlier (the round names the event that proved it; its latency runs from that event)."""
+    if new.evidence is not cur.evidence:
+        return new.evidence is Evidence.DEATH
+    return new.monotonic_ns < cur.monotonic_ns
+
 
 def initial(params: Params, admin: AdminBlock | None = None) -> State:
     """The state at start-up: STARTING, nothing applied, the persisted admin block if any."""

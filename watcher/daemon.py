@@ -3,15 +3,14 @@
 One asyncio loop, no polling. Every source only *asks* for a probe; each round reads the admin
 record and probes, and hands both to the control core (``watcher.control``), which decides
 everything. The daemon carries out the actions the core returns: a firewall change in one
-worker thread (so a lock wait never stalls event intake; its result goes back to the core),
-timers, log lines, sd_notify, the exit; ``watcher.outputs`` publishes the status (file,
-STATUS=, metrics, agent check).
+worker thread (``watcher.worker``: a lock wait never stalls intake), timers, log lines,
+sd_notify, the exit; ``watcher.outputs`` publishes the status (file, STATUS=, metrics, agent
+check).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import signal
@@ -19,12 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rules.errors import RulesError
-from rules.firewall import ApplyReport, Firewall
+from rules.firewall import Firewall
 from watcher import control
 from watcher.config import Config, for_reload
-from watcher.errors import EX_TEMPFAIL, AgentError, exit_code_of, is_transient
-from watcher.events import Evidence, Source, Trigger
+from watcher.errors import EX_TEMPFAIL, AgentError
+from watcher.events import Source, Trigger
 from watcher.logevents import Event
 from watcher.logsetup import Logging
 from watcher.notify import Notifier
@@ -35,16 +33,9 @@ from watcher.sources.pidfd import ProcessWatch
 from watcher.sources.proc_connector import ProcConnectorSource
 from watcher.sources.sock_diag import ListenerWatch, listening
 from watcher.statedir import ADMIN_FILE, StateDir
+from watcher.worker import FirewallWorker
 
-__all__ = ["Daemon", "outranks"]
-
-
-def outranks(new: Trigger, cur: Trigger) -> bool:
-    """True when ``new`` should replace the pending ``cur``: stronger evidence, or as strong
-    and earlier (the round names the event that proved it; its latency runs from that event)."""
-    if new.evidence is not cur.evidence:
-        return new.evidence is Evidence.DEATH
-    return new.monotonic_ns < cur.monotonic_ns
+__all__ = ["Daemon"]
 
 
 class Daemon:
@@ -66,9 +57,9 @@ class Daemon:
         self._core = control.initial(control.Params.from_config(cfg))
         self._pending: Trigger | None = None
         self._wake = asyncio.Event()
-        self._fw_exec = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="firewall")
         self._loop = asyncio.get_running_loop()
         self._outputs = Outputs(cfg, self.log, notifier, logging_.dropped_total)
+        self._worker = FirewallWorker(firewall, self.feed, self.log, clock)
         self._exit: asyncio.Future[int] = self._loop.create_future()
         self._sources: list[Any] = []
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per purpose, re-armed in place
@@ -86,10 +77,8 @@ class Daemon:
 
     def _do(self, act: control.Action) -> None:
         match act:
-            case control.SetFirewall(mode=mode, fresh=fresh, deadline_ns=deadline):
-                self._change(lambda: self._fw.ensure(mode, fresh=fresh, deadline_ns=deadline))
-            case control.RemoveChain(deadline_ns=deadline):
-                self._change(lambda: self._fw.remove(deadline_ns=deadline))
+            case control.SetFirewall() | control.RemoveChain():
+                self._worker.carry_out(act)
             case control.ProbeAt(at_ns=at):
                 self._arm("rise", at, self.emit, Trigger(Source.TIMER, "rise", at))
             case control.RetryAt(at_ns=at):
@@ -104,27 +93,6 @@ class Daemon:
                 self._notify.stopping()
             case control.Exit(code=code):
                 self._finish(code)
-
-    def _change(self, call: Callable[[], ApplyReport]) -> None:
-        """Run one firewall change in the worker; its outcome goes back to the core."""
-        started = self._clock()
-
-        def done(fut: concurrent.futures.Future[ApplyReport]) -> None:
-            exc = fut.exception()
-            if exc is None:
-                rep = fut.result()
-                inp: control.Input = control.Applied(tuple(map(str, rep.changed)),
-                                                     rep.transactions, rep.committed_ns,
-                                                     self._clock() - started)
-            elif isinstance(exc, RulesError):
-                inp = control.ApplyFailed(str(exc), None if is_transient(exc) else exit_code_of(exc))
-            else:
-                self.log.error(Event.INTERNAL_ERROR, reason=repr(exc))
-                inp = control.ApplyFailed(repr(exc))
-            self.feed(inp)
-
-        fut = self._fw_exec.submit(call)
-        fut.add_done_callback(lambda f: self._loop.call_soon_threadsafe(done, f))
 
     def _arm(self, name: str, at_ns: int, callback: Callable[..., object], *args: object) -> None:
         """(Re)arm the timer called ``name`` for monotonic time ``at_ns``."""
@@ -145,8 +113,8 @@ class Daemon:
 
     def emit(self, trig: Trigger) -> None:
         """Ask for a probe. Coalesced, never a queue: the pending trigger is the one that
-        ``outranks`` the others."""
-        if self._pending is None or outranks(trig, self._pending):
+        ``control.outranks`` the others."""
+        if self._pending is None or control.outranks(trig, self._pending):
             self._pending = trig
         self._wake.set()
 
@@ -169,11 +137,7 @@ class Daemon:
 
     async def _round(self, trig: Trigger) -> None:
         wall = time.time()
-        try:
-            gone = self._state.expire_admin(wall)  # a timed block past its end
-        except OSError:
-            gone = None  # not ours to remove: it still reads as no block
-        rec = self._state.admin(wall)
+        rec, gone = self._state.read_admin(wall)
         left = None if rec is None else rec.remaining(wall)
         self.feed(control.AdminRead(
             trig, None if rec is None else control.AdminBlock(rec.drain, rec.reason, rec.until),
@@ -237,6 +201,7 @@ class Daemon:
     def _on_term(self, signame: str) -> None:
         if self._core.stop_at_ns is not None:  # a second SIGTERM/SIGINT: exit at once
             self.log.warning(Event.AGENT_STOP, reason=f"second {signame}: exiting at once")
+            self._logging.flush(0.5)
             os._exit(1)
         self._stop_sources()
         p = self._core.params
@@ -282,9 +247,5 @@ class Daemon:
             self._pidfd.close()
             self._proc.close()
         await self._outputs.close()
-        # A change still running past the stop bound is not waited for: the process ends.
-        self._fw_exec.shutdown(wait=False)
-        with contextlib.suppress(RulesError, RuntimeError):
-            if code != EX_TEMPFAIL:
-                self._fw.close()
+        self._worker.close(stuck=self._core.in_flight is not None)
         return code

@@ -167,6 +167,15 @@ class StateDir:
             return None  # someone else (the daemon, another command) removed it first
         return rec
 
+    def read_admin(self, now: float) -> tuple[AdminRecord | None, AdminRecord | None]:
+        """The daemon's read: the block in force at ``now``, and the expired timed record this
+        call removed (None if none; one it may not remove still reads as no block)."""
+        try:
+            gone = self.expire_admin(now)
+        except OSError:
+            gone = None
+        return self.admin(now), gone
+
     def set_admin(self, drain: bool, reason: str, *, until: float | None = None) -> AdminRecord:
         """Record an admin block (replacing any earlier one), owned like the directory, mode
         0600; ``until`` (UNIX time) makes it a timed block that lifts itself then."""

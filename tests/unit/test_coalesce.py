@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.daemon import outranks as _outranks
+from watcher.control import outranks as _outranks
 from watcher.events import Evidence, Source, Trigger
 
 triggers = st.builds(Trigger, st.sampled_from(list(Source)), st.text(max_size=5),
