@@ -39,6 +39,7 @@ from rules.restore import RestoreBackend
 __all__ = [
     "NETLINK_NETFILTER",
     "NftBackend",
+    "acks",
     "batch",
     "rule_compat",
     "rule_expressions",
@@ -177,6 +178,21 @@ def batch(plan: Plan, first_seq: int) -> tuple[bytes, tuple[int, ...]]:
     return b"".join(parts), tuple(acked)
 
 
+def acks(buf: bytes) -> list[tuple[int, int]]:
+    """(sequence number, error code) of each NLMSG_ERROR in a datagram; 0 is an acknowledgement.
+
+    Other messages are skipped; a truncated tail is ignored, and every step advances.
+    """
+    out = []
+    off = 0
+    while off + 16 <= len(buf):
+        length, kind, _, seq, _ = struct.unpack_from("=IHHII", buf, off)
+        if kind == _NLMSG_ERROR and off + 20 <= len(buf):
+            out.append((seq, struct.unpack_from("=i", buf, off + 16)[0]))
+        off += max(length + (-length % 4), 16)
+    return out
+
+
 class _Channel:
     """One NETLINK_NETFILTER socket, used by one family's transactions at a time."""
 
@@ -212,16 +228,12 @@ class _Channel:
                             f"nf_tables batch: no answer from the kernel within {timeout:g}s"
                         ) from None
                     continue
-                off = 0
-                while off + 16 <= len(buf):
-                    length, kind, _, seq, _ = struct.unpack_from("=IHHII", buf, off)
-                    if kind == _NLMSG_ERROR and seq in want:
+                for seq, code in acks(buf):
+                    if seq in want:
                         want.discard(seq)
-                        (code,) = struct.unpack_from("=i", buf, off + 16)
                         if code:
                             errors.append(f"{errno.errorcode.get(-code, str(-code))} "
                                           f"({os.strerror(-code)})")
-                    off += max(length + (-length % 4), 16)
                 if errors:
                     # the kernel aborted the whole batch: drain the other answers, then fail
                     want.clear()
