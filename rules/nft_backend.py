@@ -14,9 +14,11 @@ Only the hot path goes over netlink: changing the content of the existing chain 
 already first in INPUT. Creating the chain, mending jumps and deleting the chain (start-up,
 repair, cleanup: rare, and they would need the positions of other programs' rules) are left to
 ``iptables-restore``. Reads are ``iptables-save``'s. After every netlink commit the next read
-must show exactly the rules the restore backend would have produced; if it ever does not, the
-backend re-applies that plan through ``iptables-restore``, says so once, and never uses
-netlink again.
+must show exactly the rules the restore backend would have produced; if it shows as many rules
+but printed differently (or cannot read the table), the backend re-applies that plan through
+``iptables-restore``, says so once, and never uses netlink again. A chain gone, flushed or
+grown in the meantime is someone else's change, left to the engine as with any backend: taking
+it for a fault of this backend would fall back for good on an administrator's unlucky timing.
 """
 
 from __future__ import annotations
@@ -349,7 +351,9 @@ class NftBackend:
         if plan is None or plan.chain != chain or plan.rules is None:
             return state
         want = tuple(r.save_form(family, chain) for r in plan.rules)
-        if state.chain_present and state.rules == want:
+        if not state.chain_present or len(state.rules) != len(want) or state.rules == want:
+            # Right, or changed by someone else since (chain gone, flushed, a rule added): that
+            # is the engine's to see and mend, as with any backend, not a fault of this one.
             return state
         return self._give_up(plan, f"iptables-save shows rules={state.rules}, "
                                    f"iptables-restore would have written rules={want}")

@@ -256,8 +256,8 @@ fw.ensure(Mode.BLOCK, fresh=False)
 assert b.netlink_commits == 1 and b.via_netlink
 plan = plan_apply(spec, Family.V4, Mode.DRAIN, b.read(Family.V4, spec.name))
 b.apply(plan)
-# between the commit and its proof, the read-back comes out different from what was sent
-subprocess.run(["iptables-nft", "-A", spec.name, "-p", "udp", "-j", "ACCEPT"], check=True)
+# between the commit and its proof, the kernel comes to hold another rule than the one sent
+subprocess.run(["iptables-nft", "-R", spec.name, "1", "-p", "udp", "-j", "ACCEPT"], check=True)
 state = b.read(Family.V4, spec.name)
 out = {"rules_after_proof": list(state.rules), "fallen_back": b.fallen_back,
        "via_netlink": b.via_netlink, "commits": b.netlink_commits}
@@ -272,7 +272,7 @@ print(json.dumps(out))
 
 
 def test_a_read_back_that_differs_falls_back_to_iptables_restore_for_good(netns: Netns) -> None:
-    """When iptables-save shows other rules than the netlink commit wrote, the backend re-applies
+    """When iptables-save shows another rule than the netlink commit wrote, the backend re-applies
     the plan through iptables-restore, logs one warning, and never uses netlink again."""
     out = json.loads(netns.run([sys.executable, "-c", _FALLBACK], env=_env()).stdout)
     drain = RejectRule(8080, "icmp-port-unreachable", syn_only=True).save_form(Family.V4, CHAIN)
@@ -285,6 +285,37 @@ def test_a_read_back_that_differs_falls_back_to_iptables_restore_for_good(netns:
     block = RejectRule(8080, "icmp-port-unreachable").save_form(Family.V4, CHAIN)
     assert f"-A {CHAIN} {block}" in out["save"]
     assert out["save"].count(f"-A {CHAIN} ") == 1
+
+
+_TAMPERED = """
+import json, subprocess
+from rules.model import ChainSpec, Family, Mode
+from rules.nft_backend import NftBackend
+from rules.firewall import Firewall
+from rules.render import plan_apply
+b = NftBackend()
+spec = ChainSpec()
+fw = Firewall(b, spec, ipv6=False)
+fw.ensure(Mode.OPEN)
+seen = []
+for tamper in (["-F", spec.name], ["-A", spec.name, "-p", "udp", "-j", "ACCEPT"]):
+    plan = plan_apply(spec, Family.V4, Mode.BLOCK, b.read(Family.V4, spec.name))
+    b.apply(plan)
+    subprocess.run(["iptables-nft", *tamper], check=True)
+    seen.append(list(b.read(Family.V4, spec.name).rules))
+    fw.ensure(Mode.OPEN)
+print(json.dumps({"seen": seen, "fallen_back": b.fallen_back, "commits": b.netlink_commits}))
+"""
+
+
+def test_someone_elses_change_before_the_proof_is_not_taken_for_a_fault(netns: Netns) -> None:
+    """Our chain flushed, or given a rule more, between the commit and its read-back: the read
+    shows it as it is (the engine mends it) and the backend keeps using netlink."""
+    out = json.loads(netns.run([sys.executable, "-c", _TAMPERED], env=_env()).stdout)
+    block = RejectRule(8080, "icmp-port-unreachable").save_form(Family.V4, CHAIN)
+    assert out["seen"] == [[], [block, "-p udp -j ACCEPT"]]
+    assert out["fallen_back"] is None
+    assert out["commits"] == 3  # two blocks, and the open after the second (the flush left it open)
 
 
 _GONE = """
