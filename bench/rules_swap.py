@@ -298,15 +298,15 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: boo
     if len(timed.applies) != rounds * nfam or len(timed.reads) != reads * rounds:
         raise SystemExit(f"expected {nfam} applies and {reads} reads per swap, got "
                          f"{len(timed.applies)} and {len(timed.reads)} in {rounds} swaps")
+    in_effect = f"rule in effect after ->block {_med(effect[0::2])} / ->open {_med(effect[1::2])}"
     if nfam > 1:  # reads and applies of the families interleave: only the totals are split
         return Result(label, backend.flavour(Family.V4), stats(samples),
-                      f"rule in effect in both families after {_med(effect)}")
+                      f"{in_effect} (both families)")
 
     med = _med
     pre = f"pre-read {med(timed.reads[0::2])} + " if fresh else ""
     back = timed.reads[1::2] if fresh else timed.reads
-    split = (f"{pre}apply {med(timed.applies)} + read-back "
-             f"{med(back)}; rule in effect after {med(effect)}")
+    split = f"{pre}apply {med(timed.applies)} + read-back {med(back)}; {in_effect}"
     return Result(label or f"Firewall {backend.name}", backend.flavour(Family.V4), stats(samples), split)
 
 
