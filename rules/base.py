@@ -17,6 +17,7 @@ from rules.render import Plan, TableState
 
 __all__ = [
     "Backend",
+    "BatchingBackend",
     "CommandResult",
     "Runner",
     "StartedCommand",
@@ -155,7 +156,9 @@ class Backend(Protocol):
     """Writes one transaction per family and reads the table back.
 
     ``apply`` either commits the whole plan or changes nothing (raising TransactionFailed or
-    LockContention); ``read`` returns the table's state as the kernel holds it now.
+    LockContention); ``read`` returns the table's state as the kernel holds it now. A backend
+    may also say ``parallel_safe = True`` (the families may be applied from two threads at once)
+    and offer ``apply_many`` (see BatchingBackend).
     """
 
     name: str
@@ -174,4 +177,14 @@ class Backend(Protocol):
 
     def plans_from_fresh_read(self, family: Family) -> bool:
         """True when a plan must come from a read made just before it (never from a cache)."""
+        ...
+
+
+class BatchingBackend(Backend, Protocol):
+    """A backend that can commit several families' plans together (the nft backend: one netlink
+    batch). An engine that commits every family before it reads any back calls it once."""
+
+    def apply_many(self, plans: Sequence[Plan]) -> None:
+        """Commit ``plans`` (one per family); all of them or, where they share a transaction,
+        none."""
         ...

@@ -30,6 +30,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from rules.base import Runner, SubprocessRunner
@@ -40,6 +41,7 @@ from rules.restore import RestoreBackend
 
 __all__ = [
     "NETLINK_NETFILTER",
+    "SIBLING_WINDOW_NS",
     "NftBackend",
     "acks",
     "batch",
@@ -70,6 +72,9 @@ _REJECT_WITH = {
 }
 _TCP_FLAGS_MASK, _TCP_FLAG_SYN = 0x17, 0x02  # FIN|SYN|RST|ACK, SYN
 _TABLE = "filter"
+# How long a read-back after a netlink commit waits for the other family's commit to go out
+# first (the engine commits the families from two threads): a read-back waits at most this.
+SIBLING_WINDOW_NS = 2_000_000
 
 
 class EventLog(Protocol):
@@ -151,30 +156,32 @@ def _message(kind: int, flags: int, seq: int, nfproto: int, res_id: int, body: b
     return head + struct.pack("!BBH", nfproto, 0, res_id) + body
 
 
-def batch(plan: Plan, first_seq: int) -> tuple[bytes, tuple[int, ...]]:
-    """The batch that flushes ``plan``'s chain and appends its rules, in one transaction.
+def batch(plans: Sequence[Plan], first_seq: int) -> tuple[bytes, tuple[int, ...]]:
+    """The batch that flushes each plan's chain and appends its rules, all in one transaction
+    (plans of several families may share it: each message names its family).
 
     Returns the bytes and the sequence numbers of the messages that ask for an acknowledgement
     (all but the batch's begin and end, which the kernel never acknowledges).
     """
-    if plan.rules is None:
-        raise ValueError("a chain deletion is not a content swap")
-    fam = _NFPROTO[plan.family]
-    where = _str(_NFTA_RULE_TABLE, _TABLE) + _str(_NFTA_RULE_CHAIN, plan.chain)
     subsys = _NFNL_SUBSYS_NFTABLES << 8
     seq = first_seq
     parts = [_message(_NFNL_MSG_BATCH_BEGIN, _NLM_F_REQUEST, seq, 0, _NFNL_SUBSYS_NFTABLES, b"")]
     acked = []
-    seq += 1
-    parts.append(_message(subsys | _NFT_MSG_DELRULE, _NLM_F_REQUEST | _NLM_F_ACK, seq, fam, 0,
-                          where))
-    acked.append(seq)
-    for rule in plan.rules:
+    for plan in plans:
+        if plan.rules is None:
+            raise ValueError("a chain deletion is not a content swap")
+        fam = _NFPROTO[plan.family]
+        where = _str(_NFTA_RULE_TABLE, _TABLE) + _str(_NFTA_RULE_CHAIN, plan.chain)
         seq += 1
-        flags = _NLM_F_REQUEST | _NLM_F_CREATE | _NLM_F_APPEND | _NLM_F_ACK
-        body = where + rule_expressions(rule, plan.family) + rule_compat()
-        parts.append(_message(subsys | _NFT_MSG_NEWRULE, flags, seq, fam, 0, body))
+        parts.append(_message(subsys | _NFT_MSG_DELRULE, _NLM_F_REQUEST | _NLM_F_ACK, seq, fam,
+                              0, where))
         acked.append(seq)
+        for rule in plan.rules:
+            seq += 1
+            flags = _NLM_F_REQUEST | _NLM_F_CREATE | _NLM_F_APPEND | _NLM_F_ACK
+            body = where + rule_expressions(rule, plan.family) + rule_compat()
+            parts.append(_message(subsys | _NFT_MSG_NEWRULE, flags, seq, fam, 0, body))
+            acked.append(seq)
     seq += 1
     parts.append(_message(_NFNL_MSG_BATCH_END, _NLM_F_REQUEST, seq, 0, _NFNL_SUBSYS_NFTABLES, b""))
     return b"".join(parts), tuple(acked)
@@ -208,10 +215,10 @@ class _Channel:
         self.seq = int(time.time()) & 0x3FFFFFFF
         self.lock = threading.Lock()
 
-    def commit(self, plan: Plan, timeout: float) -> None:
-        """Send the plan's batch and wait for every acknowledgement; any error aborts it all."""
+    def commit(self, plans: Sequence[Plan], timeout: float) -> None:
+        """Send the plans' batch and wait for every acknowledgement; any error aborts it all."""
         with self.lock:
-            data, acked = batch(plan, self.seq)
+            data, acked = batch(plans, self.seq)
             self.seq = (self.seq + len(acked) + 2) & 0x3FFFFFFF
             try:
                 self.sock.send(data)
@@ -241,7 +248,8 @@ class _Channel:
                     want.clear()
             if errors:
                 self._drain()
-                raise TransactionFailed(f"nf_tables refused the batch for chain {plan.chain}: "
+                chains = ", ".join(sorted({f"{p.family} {p.chain}" for p in plans}))
+                raise TransactionFailed(f"nf_tables refused the batch for {chains}: "
                                         + "; ".join(errors))
 
     def _drain(self) -> None:
@@ -286,6 +294,7 @@ class NftBackend:
         self._pending: dict[Family, Plan] = {}
         self._guard = threading.Lock()
         self._inflight = 0
+        self._started: dict[Family, int] = {}  # monotonic ns each family's last commit began
         self._inflight_cv = threading.Condition()
         self.fallen_back: str | None = None  # why netlink was given up, once it was
         self.netlink_commits = 0  # transactions the kernel took over netlink
@@ -318,10 +327,12 @@ class NftBackend:
             self._restore.apply(plan)
             return
         self._pending.pop(plan.family, None)
+        channel = self._channel(plan.family)
         with self._inflight_cv:
             self._inflight += 1
+            self._started[plan.family] = time.monotonic_ns()
         try:
-            self._channel(plan.family).commit(plan, self._lock_wait + 1)
+            channel.commit((plan,), self._lock_wait + 1)
         finally:
             with self._inflight_cv:
                 self._inflight -= 1
@@ -334,14 +345,49 @@ class NftBackend:
         # the other family's transaction, if its thread is waiting for it, goes out now.
         time.sleep(0)
 
+    def apply_many(self, plans: Sequence[Plan]) -> None:
+        """Commit several families' plans; their content swaps as one netlink batch, one kernel
+        transaction for all (any other plan goes through iptables-restore, each on its own).
+
+        For an engine that commits every family before it reads any back: one system call
+        instead of a thread per family, which Python's interpreter lock and process starts slow.
+        """
+        hot = [p for p in plans if p.rules is not None and not p.insert_jump
+               and p.delete_jumps == 0]
+        if not self.via_netlink or len(hot) < 2 or len({p.family for p in hot}) != len(hot):
+            for plan in plans:
+                self.apply(plan)
+            return
+        for plan in plans:
+            self._pending.pop(plan.family, None)
+            if plan not in hot:
+                self._restore.apply(plan)
+        self._channel(hot[0].family).commit(hot, self._lock_wait + 1)
+        now = time.monotonic_ns()
+        with self._inflight_cv:
+            for plan in hot:
+                self._pending[plan.family] = plan
+                self._started[plan.family] = now
+            self.netlink_commits += 1
+
+    def _sibling_commits_done(self, family: Family) -> bool:
+        """True when no commit is under way and every other family swapped over netlink before
+        has started one since just before ``family``'s (the engine does families side by side)."""
+        if self._inflight:
+            return False
+        since = self._started.get(family, 0) - SIBLING_WINDOW_NS
+        return all(t >= since for f, t in self._started.items() if f is not family)
+
     def read(self, family: Family, chain: str) -> TableState:
         """``iptables-save``'s view; the first read after a netlink commit is also its proof."""
         plan = self._pending.pop(family, None)
         if plan is not None:
-            # Another family's commit already under way (Firewall runs families side by side)
-            # finishes before this thread starts a process and holds the interpreter lock.
+            # The rule is in effect already; the read-back may wait a little. The other
+            # family's commit, under way or about to start in the engine's other thread, goes
+            # first, before this thread starts a process and holds the interpreter lock.
             with self._inflight_cv:
-                self._inflight_cv.wait_for(lambda: self._inflight == 0, timeout=self._lock_wait)
+                self._inflight_cv.wait_for(lambda: self._sibling_commits_done(family),
+                                           timeout=SIBLING_WINDOW_NS / 1e9)
         try:
             state = self._restore.read(family, chain)
         except RulesError as exc:

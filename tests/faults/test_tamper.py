@@ -49,7 +49,8 @@ def test_chain_gone_is_rebuilt_by_the_next_tick(
     mark = bed.agent.mark()
     t0 = time.monotonic()
     (_wipe if how == "wipe" else _delete_chain)(netns)
-    assert bed.view(4).absent and bed.view(6).absent
+    # gone, unless the next tick has already rebuilt it (that takes a few ms)
+    assert (bed.view(4).absent and bed.view(6).absent) or bed.agent.find("firewall-repair", mark)
     ev = bed.agent.wait_event("firewall-repair", 3.0, after=mark)
     took = time.monotonic() - t0
     print(f"\n{how} while {state}: repaired after {took * 1000:.0f} ms (tick {TICK_S} s)")

@@ -392,3 +392,29 @@ def test_both_families_swap_over_netlink_side_by_side(netns: Netns) -> None:
     assert "--tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with icmp6-port-unreachable" in (
         netns.save(6))
 
+
+
+_ONE_BATCH = """
+from rules.firewall import Firewall
+from rules.model import ChainSpec, Family, Mode
+from rules.nft_backend import NftBackend
+from rules.render import plan_apply
+b = NftBackend()
+spec = ChainSpec(reject_with="tcp-reset")
+fw = Firewall(b, spec, ipv6=True)
+fw.ensure(Mode.OPEN)
+for mode in (Mode.DRAIN, Mode.BLOCK):
+    plans = [plan_apply(spec, f, mode, b.read(f, spec.name)) for f in fw.families]
+    b.apply_many(plans)
+    print([list(b.read(f, spec.name).rules) for f in fw.families], b.netlink_commits)
+"""
+
+
+def test_both_families_in_one_batch(netns: Netns) -> None:
+    """apply_many() commits both families' swaps as one kernel transaction, and each family's
+    read-back (its proof) shows the rule iptables-restore would have written."""
+    lines = netns.run([sys.executable, "-c", _ONE_BATCH], env=_env()).stdout.splitlines()
+    for line, syn, commits in zip(lines, (True, False), (1, 2), strict=True):
+        want = [[RejectRule(8080, "tcp-reset", syn_only=syn).save_form(f, CHAIN)]
+                for f in (Family.V4, Family.V6)]
+        assert line == f"{want} {commits}"

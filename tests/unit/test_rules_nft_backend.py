@@ -84,7 +84,7 @@ def test_batch_is_begin_flush_rules_end_with_consecutive_sequence_numbers(
         content: list[RejectRule], family: Family, seq: int) -> None:
     """BEGIN, a DELRULE of the chain, one NEWRULE per rule, END; the acknowledged ones are the
     messages between BEGIN and END, numbered from ``seq``."""
-    data, acked = batch(Plan(family, CHAIN, tuple(content), 0, False), seq)
+    data, acked = batch((Plan(family, CHAIN, tuple(content), 0, False),), seq)
     msgs = []
     off = 0
     while off < len(data):
@@ -104,7 +104,7 @@ def test_batch_is_begin_flush_rules_end_with_consecutive_sequence_numbers(
 def test_a_chain_deletion_is_not_a_content_swap() -> None:
     """batch() refuses a plan that deletes the chain (that goes through iptables-restore)."""
     with pytest.raises(ValueError, match="not a content swap"):
-        batch(Plan(Family.V4, CHAIN, None, 1, False), 1)
+        batch((Plan(Family.V4, CHAIN, None, 1, False),), 1)
 
 
 def _error(seq: int, code: int) -> bytes:
@@ -121,3 +121,18 @@ def test_acks_reads_acknowledgements_and_errors_and_skips_the_rest() -> None:
 def test_acks_never_raises_and_always_ends(data: bytes) -> None:
     """Random bytes: a list, never an exception or an endless loop (zero lengths advance)."""
     assert isinstance(acks(data), list)
+
+
+def test_one_batch_carries_both_families_each_message_naming_its_own() -> None:
+    """Two families' swaps share one BEGIN/END: IPv4's DELRULE and NEWRULE, then IPv6's."""
+    rule = (RejectRule(8080, "tcp-reset"),)
+    data, acked = batch((Plan(Family.V4, CHAIN, rule, 0, False),
+                         Plan(Family.V6, CHAIN, rule, 0, False)), 7)
+    msgs = []
+    off = 0
+    while off < len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        msgs.append((kind & 0xFF, data[off + 16]))
+        off += length
+    assert msgs == [(0x10, 0), (8, 2), (6, 2), (8, 10), (6, 10), (0x11, 0)]
+    assert acked == (8, 9, 10, 11)
