@@ -78,6 +78,7 @@ ACTIONS: Mapping[str, EventClass] = {
     "firewall-unblock": _ec("configuration network", "change allowed", "success"),
     "firewall-drain": _ec("configuration network", "change denied", "success"),
     "firewall-repair": _ec("configuration", "change", "success"),
+    "firewall-backend-fallback": _ec("configuration", "info", "failure"),
     "probe-failed": _ec("network", "info", "failure"),
     "admin-block": _ec("configuration", "change", "success"),
     "admin-unblock": _ec("configuration", "change", "success"),
