@@ -475,6 +475,16 @@ def _timed_agent(argv: Sequence[str]) -> int:
 
     for backend in (RestoreBackend, IptcBackend, NftBackend):
         backend.apply = timed_apply(backend.apply)  # type: ignore[method-assign]  # bench hook
+    orig_many = NftBackend.apply_many
+
+    def apply_many(self: Any, plans: Any) -> bool:
+        t = time.monotonic_ns()
+        done = orig_many(self, plans)
+        if done:
+            cur.commits.extend((t, time.monotonic_ns(), str(p.family)) for p in plans)
+        return done
+
+    NftBackend.apply_many = apply_many  # type: ignore[method-assign]  # bench hook
     daemon.Daemon._probe_and_step = probe_and_step  # type: ignore[method-assign]  # bench hook
     Prober.probe = probe  # type: ignore[method-assign]  # bench hook
     Firewall.ensure = ensure  # type: ignore[method-assign]  # bench hook

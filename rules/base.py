@@ -184,7 +184,7 @@ class BatchingBackend(Backend, Protocol):
     """A backend that can commit several families' plans together (the nft backend: one netlink
     batch). An engine that commits every family before it reads any back calls it once."""
 
-    def apply_many(self, plans: Sequence[Plan]) -> None:
-        """Commit ``plans`` (one per family); all of them or, where they share a transaction,
-        none."""
+    def apply_many(self, plans: Sequence[Plan]) -> bool:
+        """Commit ``plans`` (one per family) as one transaction and return True; or change
+        nothing and return False when they cannot share one (the caller applies each)."""
         ...

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from rules.base import Backend
 from rules.errors import BackendUnavailable, LockContention, ReadBackMismatch, TransactionFailed
 from rules.model import ChainSpec, Family, Mode
-from rules.render import TableState, desired_state, plan_apply, plan_remove
+from rules.render import Plan, TableState, desired_state, plan_apply, plan_remove
 
 __all__ = ["ApplyReport", "EventLog", "Firewall"]
 
@@ -132,13 +132,15 @@ class Firewall:
         TransactionFailed when iptables refused.
         """
         fams = self.families
+        pre = self._commit_together(fams, mode, force) if not fresh else {}
         if len(fams) > 1 and getattr(self.backend, "parallel_safe", False):
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(len(fams), "family")
-            futures = [self._pool.submit(self._ensure_family, f, mode, force, fresh) for f in fams]
+            futures = [self._pool.submit(self._ensure_family, f, mode, force, fresh, pre.get(f))
+                       for f in fams]
             results = [fut.result() for fut in futures]
         else:
-            results = [self._ensure_family(f, mode, force, fresh) for f in fams]
+            results = [self._ensure_family(f, mode, force, fresh, pre.get(f)) for f in fams]
         return ApplyReport(
             tuple(f for f, r in zip(fams, results, strict=True) if r.changed),
             sum(r.transactions for r in results),
@@ -147,7 +149,31 @@ class Firewall:
             max((r.committed_ns for r in results if r.committed_ns is not None), default=None),
         )
 
-    def _ensure_family(self, fam: Family, mode: Mode, force: bool, fresh: bool) -> _FamilyResult:
+    def _commit_together(self, fams: tuple[Family, ...], mode: Mode,
+                         force: bool) -> dict[Family, tuple[Plan, int]]:
+        """On the hot path, with a backend that can (``apply_many``), commit every family's plan
+        from the last read-backs in one transaction before any read-back; {} when not done."""
+        many = getattr(self.backend, "apply_many", None)
+        if many is None or len(fams) < 2:
+            return {}
+        plans = []
+        for f in fams:
+            cached = self._known.get(f)
+            if cached is None or self.backend.plans_from_fresh_read(f):
+                return {}
+            plan = plan_apply(self.spec, f, mode, cached, force=force)
+            if not plan.is_noop:
+                plans.append(plan)
+        try:
+            if len(plans) < 2 or not many(plans):
+                return {}
+        except (LockContention, TransactionFailed):
+            return {}  # one transaction: nothing changed; each family is tried on its own
+        committed = self._clock()
+        return {p.family: (p, committed) for p in plans}
+
+    def _ensure_family(self, fam: Family, mode: Mode, force: bool, fresh: bool,
+                       pre: tuple[Plan, int] | None = None) -> _FamilyResult:
         want = desired_state(self.spec, fam, mode)
         tx = retries = 0
         fresh = fresh or self.backend.plans_from_fresh_read(fam)
@@ -162,8 +188,11 @@ class Firewall:
                 return _FamilyResult(False, tx, retries, False)
             try:
                 tx += 1
-                self.backend.apply(plan)
-                committed = self._clock()
+                if pre is not None and attempt == 0 and plan == pre[0]:
+                    committed = pre[1]  # committed with the other families (_commit_together)
+                else:
+                    self.backend.apply(plan)
+                    committed = self._clock()
             except (LockContention, TransactionFailed) as exc:
                 # A failed transaction changed nothing; the table may have changed under us
                 # (a stale -D), so the next attempt reads it again.

@@ -264,6 +264,11 @@ class _Channel:
         self.sock.close()
 
 
+def _is_swap(plan: Plan) -> bool:
+    """True for a content swap of the existing chain whose jump is in place: netlink's part."""
+    return plan.rules is not None and not plan.insert_jump and plan.delete_jumps == 0
+
+
 def _default_log() -> EventLog:
     import structlog
 
@@ -321,8 +326,7 @@ class NftBackend:
 
     def apply(self, plan: Plan) -> None:
         """A content swap of the existing chain over netlink; any other plan by iptables-restore."""
-        hot = plan.rules is not None and not plan.insert_jump and plan.delete_jumps == 0
-        if not hot or not self.via_netlink:
+        if not _is_swap(plan) or not self.via_netlink:
             self._pending.pop(plan.family, None)
             self._restore.apply(plan)
             return
@@ -345,30 +349,27 @@ class NftBackend:
         # the other family's transaction, if its thread is waiting for it, goes out now.
         time.sleep(0)
 
-    def apply_many(self, plans: Sequence[Plan]) -> None:
-        """Commit several families' plans; their content swaps as one netlink batch, one kernel
-        transaction for all (any other plan goes through iptables-restore, each on its own).
+    def apply_many(self, plans: Sequence[Plan]) -> bool:
+        """Commit several families' content swaps as one netlink batch, one kernel transaction
+        for all; True once the kernel took it. False, having changed nothing, when any plan is
+        not a content swap of an existing chain or netlink was given up: apply each instead.
 
         For an engine that commits every family before it reads any back: one system call
         instead of a thread per family, which Python's interpreter lock and process starts slow.
         """
-        hot = [p for p in plans if p.rules is not None and not p.insert_jump
-               and p.delete_jumps == 0]
-        if not self.via_netlink or len(hot) < 2 or len({p.family for p in hot}) != len(hot):
-            for plan in plans:
-                self.apply(plan)
-            return
+        if (not self.via_netlink or len({p.family for p in plans}) != len(plans)
+                or not all(_is_swap(p) for p in plans)):
+            return False
         for plan in plans:
             self._pending.pop(plan.family, None)
-            if plan not in hot:
-                self._restore.apply(plan)
-        self._channel(hot[0].family).commit(hot, self._lock_wait + 1)
+        self._channel(plans[0].family).commit(plans, self._lock_wait + 1)
         now = time.monotonic_ns()
         with self._inflight_cv:
-            for plan in hot:
+            for plan in plans:
                 self._pending[plan.family] = plan
                 self._started[plan.family] = now
             self.netlink_commits += 1
+        return True
 
     def _sibling_commits_done(self, family: Family) -> bool:
         """True when no commit is under way and every other family swapped over netlink before

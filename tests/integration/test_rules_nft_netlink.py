@@ -106,8 +106,9 @@ def _others(saved: str) -> list[str]:
 def test_every_swap_saves_and_lists_as_the_restore_backend(netns: Netns, fam: str,
                                                           reject_with: str) -> None:
     """After every open/block/drain swap, iptables-save -c and iptables -L print byte for byte
-    what they print after the restore backend's swap; each swap went over netlink (one commit per
-    family), the chain's creation through iptables-restore, and nothing outside our chain moved."""
+    what they print after the restore backend's swap; each swap went over netlink (one commit,
+    for both families when IPv6 is on), the chain's creation through iptables-restore, and
+    nothing outside our chain moved."""
     _load_foreign(netns)
     tool = f"ip{'6' if fam == '6' else ''}tables-nft-save"
     before = _others(netns.run([tool, "-c"]).stdout)
@@ -119,8 +120,7 @@ def test_every_swap_saves_and_lists_as_the_restore_backend(netns: Netns, fam: st
     for step in out["steps"]:
         assert step["nft"] == step["restore"], step["mode"]
         assert step["listed_nft"] == step["listed_restore"], step["mode"]
-        want = 2 if fam == "6" else 1
-        assert step["netlink"] == want, f"{step['mode']}: {step['netlink']} netlink commits"
+        assert step["netlink"] == 1, f"{step['mode']}: {step['netlink']} netlink commits"
         rows = [ln.split() for ln in step["listed_nft"].splitlines()[2:]]
         if step["mode"] == "open":
             assert rows == []
@@ -371,9 +371,9 @@ def test_auto_is_nft_on_nf_tables_and_iptc_on_legacy(netns: Netns, tmp_path: Pat
     assert bad.returncode != 0 and "drives nf_tables only" in bad.stderr
 
 
-def test_both_families_swap_over_netlink_side_by_side(netns: Netns) -> None:
-    """With IPv6 on, one ensure() commits each family over its own socket (parallel_safe) and
-    both families' saves show the rule."""
+def test_the_engine_commits_both_families_in_one_transaction(netns: Netns) -> None:
+    """With IPv6 on, each hot-path ensure() commits both families in one netlink batch
+    (Firewall uses apply_many), and both families' saves show the rule."""
     code = (
         "from rules.firewall import Firewall\n"
         "from rules.model import ChainSpec, Mode\n"
@@ -386,7 +386,7 @@ def test_both_families_swap_over_netlink_side_by_side(netns: Netns) -> None:
         "print(b.netlink_commits, b.fallen_back, len(fw.families))\n"
         "fw.close()\n"
     )
-    assert netns.run([sys.executable, "-c", code], env=_env()).stdout.split() == ["6", "None", "2"]
+    assert netns.run([sys.executable, "-c", code], env=_env()).stdout.split() == ["3", "None", "2"]
     assert "--tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with icmp-port-unreachable" in (
         netns.save(4))
     assert "--tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with icmp6-port-unreachable" in (
@@ -418,3 +418,36 @@ def test_both_families_in_one_batch(netns: Netns) -> None:
         want = [[RejectRule(8080, "tcp-reset", syn_only=syn).save_form(f, CHAIN)]
                 for f in (Family.V4, Family.V6)]
         assert line == f"{want} {commits}"
+
+
+_ONE_FAILS = """
+import subprocess
+from rules.errors import TransactionFailed
+from rules.firewall import Firewall
+from rules.model import ChainSpec, Family, Mode
+from rules.nft_backend import NftBackend
+from rules.render import plan_apply
+b = NftBackend()
+spec = ChainSpec()
+fw = Firewall(b, spec, ipv6=True)
+fw.ensure(Mode.OPEN)
+plans = [plan_apply(spec, f, Mode.BLOCK, b.read(f, spec.name)) for f in fw.families]
+subprocess.run(["ip6tables-nft", "-D", "INPUT", "-j", spec.name], check=True)
+subprocess.run(["ip6tables-nft", "-X", spec.name], check=True)
+try:
+    b.apply_many(plans)
+except TransactionFailed as exc:
+    print("refused:", "ENOENT" in str(exc))
+print("v4 still open:", b.read(Family.V4, spec.name).rules == ())
+fw.ensure(Mode.BLOCK, fresh=False)  # hot path: the batch fails, each family is then done alone
+print("both blocked:", all(len(b.read(f, spec.name).rules) == 1 for f in fw.families),
+      b.read(Family.V6, spec.name).jumps)
+"""
+
+
+def test_a_two_family_batch_fails_as_a_whole_and_the_engine_goes_family_by_family(
+        netns: Netns) -> None:
+    """The IPv6 chain gone: the batch for both families is refused whole (IPv4 untouched), and
+    ensure() then commits each family on its own, rebuilding IPv6's chain and jump."""
+    out = netns.run([sys.executable, "-c", _ONE_FAILS], env=_env()).stdout.splitlines()
+    assert out == ["refused: True", "v4 still open: True", "both blocked: True (1,)"]
