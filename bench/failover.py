@@ -88,6 +88,7 @@ class AgentSettings:
     timeout_ms: int = 1000
     http_path: str = "/"
     reject_with: str = "icmp-port-unreachable"
+    backend: str = "auto"  # [firewall] backend: auto is the nft netlink backend on nf_tables
 
     def recovery_target_ms(self) -> float:
         """The recovery p50 target of the brief: rise x rise_interval + 20 ms."""
@@ -116,7 +117,8 @@ def protector_argv(name: str, pid_file: Path, workdir: Path, *, port: int = PORT
             "probe": {"rise": agent.rise, "rise_interval_ms": agent.rise_interval_ms,
                       "fall": agent.fall, "interval_s": agent.interval_s,
                       "timeout_ms": agent.timeout_ms, "http_path": agent.http_path},
-            "firewall": {"chain": CHAIN, "reject_with": agent.reject_with},
+            "firewall": {"chain": CHAIN, "reject_with": agent.reject_with,
+                         "backend": agent.backend},
             "log": {"format": "json"},
             "state": {"dir": str(workdir / "agent-state")},
         })
@@ -436,6 +438,7 @@ def _timed_agent(argv: Sequence[str]) -> int:
     """Run the agent's CLI with hooks that print probe and iptables timings (JSON on stderr)."""
     from rules.firewall import Firewall
     from rules.iptc_backend import IptcBackend
+    from rules.nft_backend import NftBackend
     from rules.restore import RestoreBackend
     from watcher import cli, daemon
     from watcher.probe import Prober
@@ -472,8 +475,18 @@ def _timed_agent(argv: Sequence[str]) -> int:
             cur.commits.append((t, time.monotonic_ns(), str(plan.family)))
         return apply
 
-    for backend in (RestoreBackend, IptcBackend):
+    for backend in (RestoreBackend, IptcBackend, NftBackend):
         backend.apply = timed_apply(backend.apply)  # type: ignore[method-assign]  # bench hook
+    orig_many = NftBackend.apply_many
+
+    def apply_many(self: Any, plans: Any) -> bool:
+        t = time.monotonic_ns()
+        done = orig_many(self, plans)
+        if done:
+            cur.commits.extend((t, time.monotonic_ns(), str(p.family)) for p in plans)
+        return done
+
+    NftBackend.apply_many = apply_many  # type: ignore[method-assign]  # bench hook
     daemon.Daemon._round = round_  # type: ignore[method-assign]  # bench hook
     Prober.probe = probe  # type: ignore[method-assign]  # bench hook
     Firewall.ensure = ensure  # type: ignore[method-assign]  # bench hook
@@ -497,7 +510,7 @@ def breakdown(rounds: Sequence[Round], timings: Sequence[_Timing]) -> dict[str, 
     """Where the agent's failover time goes, per round: each stage in ms."""
     parts: dict[str, list[float]] = {k: [] for k in (
         "kill -> event read", "event -> probe start", "probe", "probe end -> firewall start",
-        "firewall start -> IPv4 iptables-restore returned", "restore returned -> client refused",
+        "firewall start -> IPv4 commit returned", "commit returned -> client refused",
         "rest of ensure (IPv6, read back)", "total (client)")}
     for r in rounds:
         if r.t1_ns is None:
@@ -518,8 +531,8 @@ def breakdown(rounds: Sequence[Round], timings: Sequence[_Timing]) -> dict[str, 
         commit = max((c[1] for c in t.commits if e[0] <= c[1] <= e[1] and c[2] == "ipv4"),
                      default=e[1])
         parts["probe end -> firewall start"].append((e[0] - t.probe[1]) / ms)
-        parts["firewall start -> IPv4 iptables-restore returned"].append((commit - e[0]) / ms)
-        parts["restore returned -> client refused"].append((t1 - commit) / ms)
+        parts["firewall start -> IPv4 commit returned"].append((commit - e[0]) / ms)
+        parts["commit returned -> client refused"].append((t1 - commit) / ms)
         parts["rest of ensure (IPv6, read back)"].append((e[1] - commit) / ms)
         parts["total (client)"].append((t1 - r.t0_ns) / ms)
     return parts
@@ -633,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-attempts", type=int, default=50_000)
     ap.add_argument("--rise", type=int, default=AgentSettings.rise)
     ap.add_argument("--rise-interval-ms", type=int, default=AgentSettings.rise_interval_ms)
+    ap.add_argument("--backend", default=AgentSettings.backend,
+                    choices=("auto", "restore", "iptc"), help="the agent's [firewall] backend")
     ap.add_argument("--icmp-ratelimit", action="store_true",
                     help="keep the kernel's ICMP rate limits in the server namespace")
     ap.add_argument("--json", type=Path, help="write the raw samples here (bench/plot.py reads it)")
@@ -648,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "monit" in names and shutil.which("monit") is None:
         print("bench.failover: monit is not installed; skipping it", file=sys.stderr)
         names.remove("monit")
-    agent = AgentSettings(rise=a.rise, rise_interval_ms=a.rise_interval_ms)
+    agent = AgentSettings(rise=a.rise, rise_interval_ms=a.rise_interval_ms, backend=a.backend)
     lim = Limits(a.deadline_s, a.max_attempts, a.pace_us / 1e6)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -666,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.1f}), ICMP rate limit "
           f"{'kept' if a.icmp_ratelimit else 'off'} in the server namespace; agent rise={agent.rise} "
           f"rise_interval_ms={agent.rise_interval_ms} interval_s={agent.interval_s} "
-          f"http_path={agent.http_path}")
+          f"http_path={agent.http_path} backend={agent.backend}")
     report(results, agent, sys.stdout)
     if a.json:
         a.json.write_text(json.dumps({"settings": {**asdict(agent), **asdict(lim),

@@ -19,7 +19,24 @@ Variants (each alternates BLOCK and OPEN; one sample is one swap):
 - ``Firewall iptc`` (and ``, hot``): the same with the iptc backend (legacy only);
 - ``iptc apply only``: ``IptcBackend.apply()`` of a precomputed plan, no read, no read-back;
 - ``(what-if) apply+iptc``: the restore backend writing, libiptc reading back (legacy);
-- ``(ref) ...``: an iptables-save alone, and starting ``true``, for scale.
+- ``bare netlink batch``: the batch the nft backend sends for that swap, on a socket kept
+  open, no read and no read-back: the kernel's own commit (nf_tables);
+- ``Firewall nft`` (``, hot``): the same Firewall paths with the nft backend (the daemon's
+  path is ``, hot``); ``, v4+v6`` rows swap both families as the daemon does with IPv6 on
+  (restore: one iptables-restore per family, side by side; nft: both families in one netlink
+  batch, ``apply_many``, then the read-backs side by side);
+- ``nft, v4+v6, threads``: the nft backend without ``apply_many``, each family committed from
+  its own thread then read back, as for restore (for comparison);
+- ``(ref) ...``: an iptables-save alone, starting ``true``, ``iptables-restore -V`` (starting
+  the program and loading its libraries, no netlink), and the netlink batch on a fresh socket
+  closed after it (the kernel waits for the commit's deferred release when a netfilter netlink
+  socket closes: iptables-restore pays that on its way out), for scale.
+
+Every variant runs in two regimes. ``back-to-back``: each swap starts as soon as the previous
+one returned. ``settled``: before each (untimed) the kernel's deferred release of the previous
+swap is waited for, by opening and closing a netfilter netlink socket, as after the seconds of
+quiet that precede a real failover. The difference matters on nf_tables: a rule with an xt
+target (REJECT) waits in the kernel for any pending release, which takes an RCU grace period.
 """
 
 from __future__ import annotations
@@ -28,6 +45,7 @@ import argparse
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +58,7 @@ from rules.base import Backend
 from rules.firewall import Firewall
 from rules.iptc_backend import IptcBackend
 from rules.model import ChainSpec, Family, Mode
+from rules.nft_backend import NETLINK_NETFILTER, NftBackend, batch
 from rules.render import Plan, TableState, desired_state, plan_apply, render_restore
 from rules.restore import RestoreBackend
 
@@ -47,6 +66,23 @@ __all__ = ["Stats", "main", "stats"]
 
 SPEC = ChainSpec()
 WARMUP = 10
+REGIMES = ("back-to-back", "settled")
+
+
+class _Regime:
+    """Whether the kernel's deferred release is waited for before each timed swap."""
+
+    settled = False
+
+
+def settle() -> None:
+    """Wait until nf_tables has released what earlier commits dropped (a no-op otherwise).
+
+    Closing a bound NETLINK_NETFILTER socket makes the kernel flush nf_tables' destroy work.
+    """
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       NETLINK_NETFILTER) as s:
+        s.bind((0, 0))
 
 
 @dataclass(frozen=True)
@@ -96,9 +132,6 @@ class TimedBackend:
         self.parallel_safe = self.inner.parallel_safe
         self.lock_wait_s = self.inner.lock_wait_s
 
-    def close(self) -> None:
-        """The wrapped close."""
-        self.inner.close()
 
     def flavour(self, family: Family) -> str:
         """The wrapped backend's flavour."""
@@ -122,8 +155,28 @@ class TimedBackend:
         try:
             self.inner.apply(plan, wait_s=wait_s)
         finally:
-            self.applied_at = time.perf_counter_ns()
-            self.applies.append(self.applied_at - t)
+            done = time.perf_counter_ns()
+            self.applied_at = max(self.applied_at, done)  # the last family's commit
+            self.applies.append(done - t)
+
+    def apply_many(self, plans: Sequence[Plan]) -> bool:
+        """The wrapped apply_many, timed (one entry per plan), where the backend has one."""
+        many = getattr(self.inner, "apply_many", None)
+        if many is None:
+            return False
+        t = time.perf_counter_ns()
+        done_all = bool(many(plans))
+        done = time.perf_counter_ns()
+        if done_all:
+            self.applied_at = max(self.applied_at, done)
+            self.applies.extend([done - t] * len(plans))
+        return done_all
+
+    def close(self) -> None:
+        """Close the wrapped backend."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass(frozen=True)
@@ -134,6 +187,7 @@ class Result:
     flavour: str
     stats: Stats
     split: str = ""
+    regime: str = field(default_factory=lambda: REGIMES[_Regime.settled])
 
 
 def _swaps(rounds: int, one: Callable[[Mode], object],
@@ -145,24 +199,60 @@ def _swaps(rounds: int, one: Callable[[Mode], object],
     after_warmup()
     out = []
     for i in range(rounds):
+        if _Regime.settled:
+            settle()
         t = time.perf_counter_ns()
         one(modes[i % 2])
         out.append(time.perf_counter_ns() - t)
     return out
 
 
-def _plans(backend: Backend) -> dict[Mode, Plan]:
+def _plans(backend: Backend, family: Family = Family.V4) -> dict[Mode, Plan]:
     """The plans the engine computes for each swap once the chain and its jump exist."""
-    fw = Firewall(backend, SPEC, ipv6=False)
+    fw = Firewall(backend, SPEC, ipv6=family is Family.V6)
     fw.detect_families()
     fw.ensure(Mode.OPEN)
     plans = {}
     for mode, other in ((Mode.BLOCK, Mode.OPEN), (Mode.OPEN, Mode.BLOCK)):
         fw.ensure(other)
-        plans[mode] = plan_apply(SPEC, Family.V4, mode, backend.read(Family.V4, SPEC.name))
+        plans[mode] = plan_apply(SPEC, family, mode, backend.read(family, SPEC.name))
         assert not plans[mode].is_noop and not plans[mode].insert_jump
     fw.ensure(Mode.OPEN)
     return plans
+
+
+def bare_netlink(rounds: int, *, fresh_socket: bool = False) -> Result:
+    """The nft backend's batch for each swap, sent and acknowledged, nothing else.
+
+    ``fresh_socket``: a new socket per swap, closed after the answer, as iptables-restore's.
+    """
+    backend = NftBackend()
+    plans = _plans(backend)
+    backend.close()
+    sock: socket.socket | None = None
+    seq = 1
+
+    def one(mode: Mode) -> None:
+        nonlocal sock, seq
+        if sock is None or fresh_socket:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 NETLINK_NETFILTER)
+            sock.bind((0, 0))
+        data, acked = batch((plans[mode],), seq)
+        seq += len(acked) + 2
+        sock.send(data)
+        for _ in acked:
+            reply = sock.recv(65536)
+            if int.from_bytes(reply[16:20], "little", signed=True):
+                raise SystemExit(f"netlink batch refused: {reply[16:20].hex()}")
+        if fresh_socket:
+            sock.close()
+
+    label = "(ref) netlink + close" if fresh_socket else "bare netlink batch"
+    res = Result(label, "nf_tables", stats(_swaps(rounds, one)))
+    if sock is not None:
+        sock.close()
+    return res
 
 
 def bare_restore(rounds: int) -> Result:
@@ -194,21 +284,24 @@ def reference(label: str, argv: Sequence[str], flavour: str, rounds: int) -> Res
     return Result(label, flavour, stats(_swaps(rounds, one)))
 
 
-def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: bool = True) -> Result:
+def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: bool = True,
+                   ipv6: bool = False) -> Result:
     """Firewall.ensure() alternating BLOCK/OPEN, with the time in read() and apply() split out.
 
     ``fresh=False`` is the daemon's hot path: planned from the previous read-back, so one read
-    (the read-back) per swap instead of two.
+    (the read-back) per swap instead of two. ``ipv6``: both families per swap; the rule is in
+    effect when the last family's commit returned.
     """
     timed = TimedBackend(backend)
-    fw = Firewall(timed, SPEC, ipv6=False)
+    fw = Firewall(timed, SPEC, ipv6=ipv6)
     fw.detect_families()
     fw.ensure(Mode.OPEN)
+    nfam = len(fw.families)
 
     effect: list[int] = []
 
     def one(mode: Mode) -> None:
-        t = time.perf_counter_ns()
+        t = timed.applied_at = time.perf_counter_ns()
         fw.ensure(mode, fresh=fresh)
         effect.append(timed.applied_at - t)
 
@@ -218,20 +311,36 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: boo
         effect.clear()
 
     samples = _swaps(rounds, one, reset)
+    fw.close()
+    if getattr(backend, "fallen_back", None):
+        raise SystemExit(f"{label}: the nft backend fell back: {backend.fallen_back}")  # type: ignore[attr-defined]
     # legacy iptables-restore re-declares built-in policies and counters: always a fresh read
-    reads = 2 if fresh or backend.plans_from_fresh_read(Family.V4) else 1
-    if len(timed.applies) != rounds or len(timed.reads) != reads * rounds:
-        raise SystemExit(f"expected one apply and {reads} reads per swap, got {len(timed.applies)} "
-                         f"and {len(timed.reads)} in {rounds} swaps")
+    reads = (2 if fresh or backend.plans_from_fresh_read(Family.V4) else 1) * nfam
+    if len(timed.applies) != rounds * nfam or len(timed.reads) != reads * rounds:
+        raise SystemExit(f"expected {nfam} applies and {reads} reads per swap, got "
+                         f"{len(timed.applies)} and {len(timed.reads)} in {rounds} swaps")
+    in_effect = f"rule in effect after ->block {_med(effect[0::2])} / ->open {_med(effect[1::2])}"
+    if nfam > 1:  # reads and applies of the families interleave: only the totals are split
+        return Result(label, backend.flavour(Family.V4), stats(samples),
+                      f"{in_effect} (both families)")
 
-    def med(xs: Sequence[int]) -> str:
-        return f"{_rank(sorted(xs), 0.5) / 1e6:.3f}"
-
+    med = _med
     pre = f"pre-read {med(timed.reads[0::2])} + " if fresh else ""
     back = timed.reads[1::2] if fresh else timed.reads
-    split = (f"{pre}apply {med(timed.applies)} + read-back "
-             f"{med(back)}; rule in effect after {med(effect)}")
+    split = f"{pre}apply {med(timed.applies)} + read-back {med(back)}; {in_effect}"
     return Result(label or f"Firewall {backend.name}", backend.flavour(Family.V4), stats(samples), split)
+
+
+class _NoBatch(NftBackend):
+    """The nft backend as an engine without apply_many sees it: one family per thread."""
+
+    def apply_many(self, plans: Sequence[Plan]) -> bool:
+        """Never batches."""
+        return False
+
+
+def _med(xs: Sequence[int]) -> str:
+    return f"{_rank(sorted(xs), 0.5) / 1e6:.3f}"
 
 
 def apply_and_read_back(backend: Backend, reader: Backend, rounds: int, label: str) -> Result:
@@ -260,45 +369,90 @@ def iptc_apply_only(rounds: int) -> Result:
     return Result("iptc apply only", "legacy", stats(samples))
 
 
-def inner(rounds: int, legacy_path: str) -> None:
-    """Run every variant in the current namespace and print the table (called via --inner)."""
-    results: list[Result] = []
-    true = shutil.which("true") or "/bin/true"
-    # nf_tables first: once legacy tables exist, iptables-nft-save also checks for them.
-    results.append(bare_restore(rounds))
-    results.append(firewall_swaps(RestoreBackend(), rounds))
-    results.append(firewall_swaps(RestoreBackend(), rounds, "Firewall restore, hot", fresh=False))
-    results.append(firewall_swaps(RestoreBackend(prestart=True), rounds, "Firewall restore, daemon",
-                                  fresh=False))
-    results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "nf_tables", rounds))
-    results.append(reference("(ref) spawn true", [true], "nf_tables", rounds))
-    os.environ["PATH"] = legacy_path
-    results.append(bare_restore(rounds))
-    # (no hot row: on legacy the restore backend plans from a fresh read by design)
-    results.append(firewall_swaps(RestoreBackend(), rounds))
-    results.append(apply_and_read_back(RestoreBackend(), IptcBackend(), rounds,
-                                       "(what-if) apply+iptc"))
-    results.append(reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "legacy", rounds))
-    results.append(firewall_swaps(IptcBackend(), rounds))
-    results.append(firewall_swaps(IptcBackend(), rounds, "Firewall iptc, hot", fresh=False))
-    results.append(iptc_apply_only(rounds))
+def _nft_rows(rounds: int, true: str) -> list[Result]:
+    """The nf_tables variants, in the current regime."""
+    rows = [
+        bare_restore(rounds),
+        firewall_swaps(RestoreBackend(), rounds),
+        firewall_swaps(RestoreBackend(), rounds, "Firewall restore, hot", fresh=False),
+        firewall_swaps(RestoreBackend(prestart=True), rounds, "Firewall restore, daemon",
+                       fresh=False),
+        firewall_swaps(RestoreBackend(prestart=True), rounds, "restore, daemon, v4+v6",
+                       fresh=False, ipv6=True),
+        bare_netlink(rounds),
+        firewall_swaps(NftBackend(), rounds),
+        firewall_swaps(NftBackend(), rounds, "Firewall nft, hot", fresh=False),
+        firewall_swaps(NftBackend(), rounds, "nft, hot, v4+v6", fresh=False, ipv6=True),
+        firewall_swaps(_NoBatch(), rounds, "nft, v4+v6, threads", fresh=False, ipv6=True),
+        reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "nf_tables", rounds),
+        reference("(ref) spawn true", [true], "nf_tables", rounds),
+        reference("(ref) iptables-restore -V", ["iptables-restore", "-V"], "nf_tables", rounds),
+        bare_netlink(rounds, fresh_socket=True),
+    ]
+    return rows
 
-    floors = {r.flavour: r.stats for r in results if r.label.startswith("bare")}
-    print(f"{rounds} swaps per variant after {WARMUP} warm-up swaps; IPv4; times in ms; "
-          "x floor = median / median of the bare call of the same flavour")
+
+def _legacy_rows(rounds: int) -> list[Result]:
+    """The legacy variants, in the current regime (PATH already holds the -legacy programs)."""
+    return [
+        bare_restore(rounds),
+        # (no hot row: on legacy the restore backend plans from a fresh read by design)
+        firewall_swaps(RestoreBackend(), rounds),
+        apply_and_read_back(RestoreBackend(), IptcBackend(), rounds, "(what-if) apply+iptc"),
+        reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "legacy", rounds),
+        firewall_swaps(IptcBackend(), rounds),
+        firewall_swaps(IptcBackend(), rounds, "Firewall iptc, hot", fresh=False),
+        iptc_apply_only(rounds),
+    ]
+
+
+def _print_table(rounds: int, regime: str, results: Sequence[Result]) -> None:
+    floors = {r.flavour: r.stats for r in results if r.label.startswith("bare iptables")}
+    print(f"\n== {regime}: {rounds} swaps per variant after {WARMUP} warm-up swaps; IPv4 unless "
+          "v4+v6; times in ms; x floor = median / median of the bare iptables-restore call of "
+          "the same flavour and regime")
     print("->block / ->open: median of the swaps in that direction, and its ratio to the floor's")
-    print(f"{'variant':<25}{'flavour':<10}{'median':>8}{'p90':>8}{'p99':>8}{'min':>8}"
+    print(f"{'variant':<27}{'flavour':<10}{'median':>8}{'p90':>8}{'p99':>8}{'min':>8}"
           f"{'x floor':>9}{'->block':>9}{'x':>7}{'->open':>8}{'x':>7}")
     for r in results:
-        s, f = r.stats, floors[r.flavour]
-        print(f"{r.label:<25}{r.flavour:<10}{s.median / 1e6:>8.3f}{s.p90 / 1e6:>8.3f}"
-              f"{s.p99 / 1e6:>8.3f}{s.min / 1e6:>8.3f}{s.median / f.median:>8.2f}x"
-              f"{s.to_block / 1e6:>9.3f}{s.to_block / f.to_block:>6.2f}x"
-              f"{s.to_open / 1e6:>8.3f}{s.to_open / f.to_open:>6.2f}x")
+        st, f = r.stats, floors[r.flavour]
+        print(f"{r.label:<27}{r.flavour:<10}{st.median / 1e6:>8.3f}{st.p90 / 1e6:>8.3f}"
+              f"{st.p99 / 1e6:>8.3f}{st.min / 1e6:>8.3f}{st.median / f.median:>8.2f}x"
+              f"{st.to_block / 1e6:>9.3f}{st.to_block / f.to_block:>6.2f}x"
+              f"{st.to_open / 1e6:>8.3f}{st.to_open / f.to_open:>6.2f}x")
     print("where the time of a Firewall swap goes (medians of each step, ms):")
     for r in results:
         if r.split:
             print(f"  {r.label} ({r.flavour}): {r.split}")
+    by = {r.label: r.stats for r in results if r.flavour == "nf_tables"}
+    if "bare netlink batch" in by and regime == "settled":  # back to back, commits wait too
+        bare, start = by["bare iptables-restore"], by["(ref) iptables-restore -V"]
+        commit, closed = by["bare netlink batch"], by["(ref) netlink + close"]
+        b, s0, c, cl = (x.to_block / 1e6 for x in (bare, start, commit, closed))
+        print("where a bare iptables-restore's time goes on nf_tables, towards blocked (medians, "
+              "ms; towards open, closing a netlink socket waits for the kernel's release of the "
+              "deleted rule, a grace period):")
+        print(f"  {b:.3f} = start and load the program {s0:.3f} + the kernel's commit of the "
+              f"batch {c:.3f} + closing the socket {max(cl - c, 0):.3f} + the rest (its cache "
+              f"queries, parsing, exit) {b - s0 - max(cl, c):.3f}")
+        print(f"  towards open: {bare.to_open / 1e6:.3f}, of which the same batch sent and its "
+              f"socket closed alone take {closed.to_open / 1e6:.3f}")
+
+
+def inner(rounds: int, legacy_path: str) -> None:
+    """Run every variant in both regimes in the current namespace and print the tables."""
+    true = shutil.which("true") or "/bin/true"
+    tables: dict[str, list[Result]] = {r: [] for r in REGIMES}
+    # nf_tables first: once legacy tables exist, iptables-nft-save also checks for them.
+    for settled, regime in enumerate(REGIMES):
+        _Regime.settled = bool(settled)
+        tables[regime] += _nft_rows(rounds, true)
+    os.environ["PATH"] = legacy_path
+    for settled, regime in enumerate(REGIMES):
+        _Regime.settled = bool(settled)
+        tables[regime] += _legacy_rows(rounds)
+    for regime in REGIMES:
+        _print_table(rounds, regime, tables[regime])
 
 
 def _versions() -> str:
@@ -308,8 +462,17 @@ def _versions() -> str:
         pyiptc = version("python-iptables")
     except Exception:  # Debian's python3-iptables ships no dist-info metadata
         pyiptc = "unknown"
-    return (f"kernel {platform.release()}, {ipt}, python {platform.python_version()}, "
-            f"python-iptables {pyiptc}, {os.cpu_count()} CPUs")
+    try:
+        import pyroute2
+        pyr = getattr(pyroute2, "__version__", "unknown")
+    except ImportError:
+        pyr = "absent"
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.machine())
+    return (f"{model} ({platform.machine()}): kernel {platform.release()}, {ipt}, python "
+            f"{platform.python_version()}, python-iptables {pyiptc}, pyroute2 {pyr} (unused by "
+            f"the nft backend), {os.cpu_count()} CPUs, load average {load}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from rules.render import Plan, TableState
 
 __all__ = [
     "Backend",
+    "BatchingBackend",
     "CommandResult",
     "Runner",
     "StartedCommand",
@@ -155,7 +156,9 @@ class Backend(Protocol):
     """Writes one transaction per family and reads the table back.
 
     ``apply`` either commits the whole plan or changes nothing (raising TransactionFailed or
-    LockContention); ``read`` returns the table's state as the kernel holds it now.
+    LockContention); ``read`` returns the table's state as the kernel holds it now. A backend
+    may also say ``parallel_safe = True`` (the families may be applied from two threads at once)
+    and offer ``apply_many`` (see BatchingBackend).
     """
 
     name: str
@@ -180,4 +183,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release what the backend keeps (started programs, handles)."""
+
+class BatchingBackend(Backend, Protocol):
+    """A backend that can commit several families' plans together (the nft backend: one netlink
+    batch). An engine that commits every family before it reads any back calls it once."""
+
+    def apply_many(self, plans: Sequence[Plan]) -> bool:
+        """Commit ``plans`` (one per family) as one transaction and return True; or change
+        nothing and return False when they cannot share one (the caller applies each)."""
         ...

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from rules.base import Backend
 from rules.errors import BackendUnavailable, ForeignChain, LockContention, ReadBackMismatch, TransactionFailed
 from rules.model import ChainSpec, Family, Mode
-from rules.render import TableState, desired_state, foreign_conflict, plan_apply, plan_remove
+from rules.render import Plan, TableState, desired_state, foreign_conflict, plan_apply, plan_remove
 
 __all__ = ["ApplyReport", "EventLog", "Firewall"]
 
@@ -154,22 +154,45 @@ class Firewall:
         if not self._owned:
             self.check_ownership()
         fams = self._fams()
+        pre = {} if fresh else self._commit_together(fams, mode)
         if len(fams) > 1 and self.backend.parallel_safe:
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(len(fams), "family")
-            futures = [self._pool.submit(self._ensure_family, f, mode, fresh, deadline_ns)
-                       for f in fams]
+            futures = [self._pool.submit(self._ensure_family, f, mode, fresh, deadline_ns,
+                                         pre.get(f)) for f in fams]
             results = [fut.result() for fut in futures]
         else:
-            results = [self._ensure_family(f, mode, fresh, deadline_ns) for f in fams]
+            results = [self._ensure_family(f, mode, fresh, deadline_ns, pre.get(f)) for f in fams]
         return ApplyReport(
             tuple(f for f, r in zip(fams, results, strict=True) if r.changed),
             sum(r.transactions for r in results),
             max((r.committed_ns for r in results if r.committed_ns is not None), default=None),
         )
 
-    def _ensure_family(self, fam: Family, mode: Mode, fresh: bool,
-                       deadline_ns: int | None) -> _FamilyResult:
+    def _commit_together(self, fams: tuple[Family, ...], mode: Mode) -> dict[Family, tuple[Plan, int]]:
+        """On the hot path, with a backend that can (``apply_many``), commit every family's plan
+        from the last read-backs in one transaction before any read-back; {} when not done."""
+        many = getattr(self.backend, "apply_many", None)
+        if many is None or len(fams) < 2:
+            return {}
+        plans = []
+        for f in fams:
+            cached = self._known.get(f)
+            if cached is None or self.backend.plans_from_fresh_read(f):
+                return {}
+            plan = plan_apply(self.spec, f, mode, cached)
+            if not plan.is_noop:
+                plans.append(plan)
+        try:
+            if len(plans) < 2 or not many(plans):
+                return {}
+        except TransactionFailed:
+            return {}  # one transaction: nothing changed; each family is tried on its own
+        committed = self._clock()
+        return {p.family: (p, committed) for p in plans}
+
+    def _ensure_family(self, fam: Family, mode: Mode, fresh: bool, deadline_ns: int | None,
+                       pre: tuple[Plan, int] | None = None) -> _FamilyResult:
         want = desired_state(self.spec, fam, mode)
         fresh = fresh or self.backend.plans_from_fresh_read(fam)
         cached = self._known.pop(fam, None)  # until read back, nothing is known
@@ -182,7 +205,11 @@ class Firewall:
                 return _FamilyResult(tx > 0, tx)
             tx += 1
             try:
-                self.backend.apply(plan, wait_s=self._wait_s(deadline_ns))
+                if pre is not None and observed is cached and plan == pre[0]:
+                    committed = pre[1]  # committed with the other families (_commit_together)
+                else:
+                    self.backend.apply(plan, wait_s=self._wait_s(deadline_ns))
+                    committed = self._clock()
             except LockContention:
                 raise  # the deadline is spent: no second wait
             except TransactionFailed:
@@ -190,7 +217,6 @@ class Firewall:
                     raise
                 observed = self.backend.read(fam, self.spec.name)  # the cache was stale
                 continue
-            committed = self._clock()
             after = self.backend.read(fam, self.spec.name)
             if (after.chain_present, after.rules, after.jumps) == (want.chain_present, want.rules,
                                                                    want.jumps):

@@ -61,7 +61,7 @@ class FirewallConfig:
     """The chain the agent owns and how it is written."""
 
     chain: str = "sslvpn-heartbeat-chain"
-    backend: str = "auto"  # auto | restore | iptc
+    backend: str = "auto"  # auto | nft | restore | iptc
     ipv6: bool = True
     on_exit: str = "open"  # open | keep | remove
     reject_with: str = "icmp-port-unreachable"  # or tcp-reset
@@ -288,7 +288,7 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
         FirewallConfig,
         {
             "chain": _chain,
-            "backend": _choice("auto", "restore", "iptc"),
+            "backend": _choice("auto", "nft", "restore", "iptc"),
             "ipv6": _bool,
             "on_exit": _choice("open", "keep", "remove"),
             "reject_with": _choice("icmp-port-unreachable", "tcp-reset"),

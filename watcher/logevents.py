@@ -39,6 +39,7 @@ class Event(enum.StrEnum):
     FIREWALL_DRAIN = "firewall-drain", "configuration network", "change denied", "success"
     FIREWALL_UNBLOCK = "firewall-unblock", "configuration network", "change allowed", "success"
     FIREWALL_REPAIR = "firewall-repair", "configuration", "change", "success"
+    FIREWALL_BACKEND_FALLBACK = "firewall-backend-fallback", "configuration", "info", "failure"
     FIREWALL_KEEP = "firewall-keep", "configuration", "info", "success"
     FIREWALL_REMOVE = "firewall-remove", "configuration", "deletion", "success"
     ADMIN_BLOCK = "admin-block", "configuration", "change", "success"

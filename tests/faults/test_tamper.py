@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.bed import CHAIN, Bed, ipt
+from tests.faults.bed import CHAIN, Bed
 from tests.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -21,17 +21,18 @@ pytestmark = pytest.mark.netns
 TICK_S = 0.5
 
 
+# Each family's tamper is one transaction: as separate commands, the agent's next tick could
+# land between them and repair the chain before the -X, which then fails (the chain in use).
 def _wipe(ns: Netns) -> None:
     for family in (4, 6):
-        ipt(ns, "-F", family=family)
-        ipt(ns, "-X", family=family)
+        ns.run([f"ip{'6' if family == 6 else ''}tables-restore", "--noflush"],
+               input="*filter\n-F\n-X\nCOMMIT\n")
 
 
 def _delete_chain(ns: Netns) -> None:
     for family in (4, 6):
-        ipt(ns, "-D", "INPUT", "-j", CHAIN, family=family)
-        ipt(ns, "-F", CHAIN, family=family)
-        ipt(ns, "-X", CHAIN, family=family)
+        ns.run([f"ip{'6' if family == 6 else ''}tables-restore", "--noflush"],
+               input=f"*filter\n-D INPUT -j {CHAIN}\n-F {CHAIN}\n-X {CHAIN}\nCOMMIT\n")
 
 
 @pytest.mark.parametrize("how", ["delete-chain", "wipe"])
@@ -49,7 +50,8 @@ def test_chain_gone_is_rebuilt_by_the_next_tick(
     mark = bed.agent.mark()
     t0 = time.monotonic()
     (_wipe if how == "wipe" else _delete_chain)(netns)
-    assert bed.view(4).absent and bed.view(6).absent
+    # gone, unless the next tick has already rebuilt it (that takes a few ms)
+    assert (bed.view(4).absent and bed.view(6).absent) or bed.agent.find("firewall-repair", mark)
     ev = bed.agent.wait_event("firewall-repair", 3.0, after=mark)
     took = time.monotonic() - t0
     print(f"\n{how} while {state}: repaired after {took * 1000:.0f} ms (tick {TICK_S} s)")

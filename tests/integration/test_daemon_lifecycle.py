@@ -110,7 +110,8 @@ def test_tampering_while_blocked_is_repaired_by_the_next_tick(
     for family in (4, 6):
         for args in TAMPER[how]:
             _ipt(netns, *args, family=family)
-    assert not chain_view(netns).blocked
+    # the tamper shows, unless the next tick has already mended it (that takes under a ms)
+    assert not chain_view(netns).blocked or bed.agent.find("firewall-repair", mark)
     ev = bed.agent.wait_event("firewall-repair", 3.0, after=mark)
     took = time.monotonic() - t0
     print(f"\n{how}: repaired after {took * 1000:.0f} ms (interval 0.5 s)")

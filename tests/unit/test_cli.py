@@ -110,7 +110,7 @@ def test_config_check_empty_file(tmp_path: Path) -> None:
     ("[service]\nport = 0\n", "service.port"),
     ("[service]\nport = true\n", "service.port"),
     ("[probe]\nrise = 0\n", "probe.rise"),
-    ('[firewall]\nbackend = "nft"\n', "firewall.backend"),
+    ('[firewall]\nbackend = "nftables"\n', "firewall.backend"),
     ('[firewall]\nchain = "INPUT"\n', "firewall.chain"),
     ('[firewall]\nreject_with = "drop"\n', "firewall.reject_with"),
     ('[log]\nlevel = "loud"\n', "log.level"),
