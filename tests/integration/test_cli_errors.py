@@ -66,7 +66,7 @@ def good_config(tmp_path: Path) -> Path:
 
 BAD_CONFIGS = {
     "bad-port": ("[service]\nport = 0\n", "service.port"),
-    "bad-backend": ('[firewall]\nbackend = "nft"\n', "firewall.backend"),
+    "bad-backend": ('[firewall]\nbackend = "nftables"\n', "firewall.backend"),
     "unknown-key": ("[firewall]\nchian = \"x\"\n", "firewall.chian"),
     "bad-chain": ('[firewall]\nchain = "a chain with spaces"\n', "firewall.chain"),
     "syntax": ("[firewall\n", "TOML syntax error"),
