@@ -76,3 +76,29 @@ def test_demo_shows_block_then_ctrl_c_leaves_no_namespace_or_process() -> None:
                 proc.wait(timeout=30)
         for ns in _namespaces_of(proc.pid):  # only if the demo failed to clean up after itself
             subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_demo_fleet_shows_the_agent_check_and_the_metrics_follow_the_failover() -> None:
+    """``demo --fleet`` runs to the end: HAProxy hears "down" from server 1's agent check and
+    its metrics say block, then "up" and open; exit 0, no namespace left."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.testbed", "demo", "--fleet"],
+                            cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out + err
+        seen = [ln.strip().lstrip(">|").strip() for ln in out.splitlines()]
+        down = next(i for i, ln in enumerate(seen) if "agent check 'via agent : down" in ln)
+        up = next(i for i, ln in enumerate(seen) if "agent check 'via agent : up" in ln)
+        assert down < up, out
+        assert 'sslvpn_heartbeat_chain_mode{mode="block"} 1.0' in seen[down:up], out
+        assert 'sslvpn_heartbeat_chain_mode{mode="open"} 1.0' in seen[up:], out
+        assert _namespaces_of(proc.pid) == []
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+        for ns in _namespaces_of(proc.pid):  # only if the demo failed to clean up after itself
+            subprocess.run(["ip", "netns", "del", ns], check=False)

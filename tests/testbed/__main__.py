@@ -10,6 +10,8 @@ those of the namespaces it makes.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import sys
@@ -24,6 +26,7 @@ from tests.testbed.cluster import (
     Cluster,
     Reply,
     Server,
+    default_agent_config,
     http_get,
     install_signal_handlers,
 )
@@ -36,6 +39,8 @@ _TTY = sys.stdout.isatty()
 _BOLD, _DIM, _GREEN, _RED, _RESET = (("\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[0m")
                                      if _TTY else ("", "", "", "", ""))
 _BAR = 40
+AGENT_CHECK_PORT = 5555  # --fleet: each agent answers HAProxy's agent check here
+METRICS = "sslvpn-heartbeat.prom"  # --fleet: the metrics file in each server's directory
 
 
 def _step(n: int, title: str, *what: str) -> None:
@@ -115,8 +120,42 @@ def _agent_event(srv: Server, action: str) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
-def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy") -> int:
-    """Run the narrated demo; returns 0 once every step has run and the cluster is gone."""
+def _fleet_config(server: Server) -> str:
+    """The agent's configuration with HAProxy's agent check and the metrics file on."""
+    return default_agent_config(server) + (
+        f'\n[agent_check]\nlisten = "0.0.0.0:{AGENT_CHECK_PORT}"\n'
+        f'\n[metrics]\ntextfile = "{server.state_dir / METRICS}"\n')
+
+
+def _fleet_view(c: Cluster, srv: Server, agent_says: str, mode: str) -> None:
+    """What HAProxy learnt from ``srv``'s agent check, and ``srv``'s metrics file, once they
+    show ``agent_says`` and chain ``mode``."""
+    def row() -> dict[str, str] | None:
+        text = c.haproxy_cmd("show stat").lstrip("# ")
+        for r in csv.DictReader(io.StringIO(text)):
+            if r.get("pxname") == "sslvpn" and r.get("svname") == srv.name:
+                return r if r["last_agt"].startswith(f"via agent : {agent_says}") else None
+        return None
+
+    r = wait_for(row, 10, f"HAProxy to hear '{agent_says}' from {srv.name}'s agent check")
+    status = r["status"]
+    if status == "no check":  # HAProxy 2.6's word for UP when only an agent check runs
+        status = "UP (no health check of its own: only the agent's)"
+    _say(f"HAProxy's stats socket (show stat) for {srv.name}: status {status!r}, "
+         f"agent check {r['last_agt']!r}")
+    prom = srv.state_dir / METRICS
+    want = f'sslvpn_heartbeat_chain_mode{{mode="{mode}"}} 1.0'
+    wait_for(lambda: prom.exists() and want in prom.read_text(), 10, f"{prom.name} to say {mode}")
+    keep = ("sslvpn_heartbeat_chain_mode", "sslvpn_heartbeat_service_healthy",
+            "sslvpn_heartbeat_transitions_total", "sslvpn_heartbeat_failover_latency_seconds_count")
+    _say(f"and its metrics file for node_exporter's textfile collector ({prom.name}, excerpt):")
+    _show("\n".join(ln for ln in prom.read_text().splitlines() if ln.startswith(keep)))
+
+
+def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy",
+         fleet: bool = False) -> int:
+    """Run the narrated demo; returns 0 once every step has run and the cluster is gone.
+    ``fleet``: the agents also answer HAProxy's agent check and write their metrics file."""
     install_signal_handlers()
     started = time.monotonic()
     print(f"{_BOLD}sslvpn-heartbeat demo{_RESET}: the manual page's \"Testing the Scripts\" on "
@@ -134,7 +173,9 @@ def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy") ->
           f"a client, a gateway running {gw_text}",
           "of its own, like the Access Gateway) and servers, each running a fake SSL VPN "
           "service" + (" and the agent." if agents else "."))
-    with Cluster(n_servers, agents=agents, gateway=gateway) as c:
+    extra: dict[str, Any] = ({"agent_config": _fleet_config,
+                              "agent_check": (AGENT_CHECK_PORT, "100ms")} if fleet else {})
+    with Cluster(n_servers, agents=agents, gateway=gateway, **extra) as c:
         _say(f"ready in {time.monotonic() - started:.1f} s; the client talks to {c.url}")
         for s in c.servers:
             _say(f"{s.name}: {s.addr}:{s.port}, SSL VPN core pid {s.core_pid()}"
@@ -178,6 +219,9 @@ def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy") ->
             _say(f"after the kernel told it (trigger: {trigger}) that the service "
                  "had died:")
             _show("\n".join(_event_lines(block)))
+        if fleet:
+            _say()
+            _fleet_view(c, s1, "down", "block")
         load.wait(timeout=15)
         recs = read_records(out)
         before = [r for r in recs if r.t < stop_mark]
@@ -205,6 +249,8 @@ def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy") ->
             _say(f"{_BOLD}server1# iptables -L {CHAIN}{_RESET}   (empty: port {s1.port} is "
                  "open)")
             _show(s1.iptables_L(CHAIN), marked=True)
+            if fleet:
+                _fleet_view(c, s1, "up", "open")
         _say(f"from the gateway, port {s1.port} gives: {_describe(s1.get())}")
 
         _step(6, "Traffic is back on every server",
@@ -232,12 +278,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--rate", type=float, default=100.0, help="client requests per second")
     d.add_argument("--gateway", choices=GATEWAY_KINDS, default="haproxy",
                    help="the load balancer in front of the servers (default haproxy)")
+    d.add_argument("--fleet", action="store_true",
+                   help="also show HAProxy's agent check and each agent's Prometheus metrics")
     a = ap.parse_args(argv)
+    if a.fleet and (a.gateway != "haproxy" or not a.agents):
+        ap.error("--fleet needs the agents and the HAProxy gateway (its agent check)")
     if os.geteuid() != 0:
         print("the demo makes network namespaces: run it as root", file=sys.stderr)
         return 69
     try:
-        return demo(a.servers, a.agents, a.rate, a.gateway)
+        return demo(a.servers, a.agents, a.rate, a.gateway, a.fleet)
     except KeyboardInterrupt:
         print("\ninterrupted: every process stopped and every namespace deleted.",
               file=sys.stderr)
