@@ -33,6 +33,7 @@ from watcher.logsetup import field_name
 __all__ = [
     "CHAIN",
     "PORT",
+    "AdminBed",
     "Agent",
     "ChainView",
     "Sampler",
@@ -350,3 +351,31 @@ def hold_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+class AdminBed:
+    """A healthy fake service, the agent's config with no safety-net tick within a test, the
+    agent (not started) and the CLI on the same config: the operator's side of admin blocks."""
+
+    EVENT_ONLY_INTERVAL_S = 30.0
+
+    def __init__(self, ns: Netns, tmp_path: Path) -> None:
+        self.ns = ns
+        self.svc = Service(ns, tmp_path / "svc").start()
+        self.state = tmp_path / "state"
+        self.cfg = agent_config(tmp_path / "agent.toml", self.svc.d, self.state,
+                                probe={"interval_s": self.EVENT_ONLY_INTERVAL_S})
+        self.agent = Agent(ns, self.cfg, tmp_path)
+
+    def cli(self, *args: str, code: int = 0) -> tuple[str, str]:
+        """Run ``python -m watcher ARGS --config C`` in the namespace; assert its exit code;
+        return its stdout and stderr."""
+        r = self.ns.run([sys.executable, "-m", "watcher", *args, "--config", str(self.cfg)],
+                        check=False, env=child_env())
+        assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+        return r.stdout, r.stderr
+
+    def status(self) -> dict[str, Any]:
+        """``status --json`` parsed."""
+        out: dict[str, Any] = json.loads(self.cli("status", "--json")[0])
+        return out

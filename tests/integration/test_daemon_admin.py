@@ -2,54 +2,36 @@
 
 from __future__ import annotations
 
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.agent import Agent, Sampler, Service, agent_config, chain_view, child_env
+from tests.agent import AdminBed, Sampler, chain_view
 from tests.netns import Netns, wait_for
 from watcher.statedir import StateDir
 
 pytestmark = pytest.mark.netns
 
-EVENT_ONLY_INTERVAL_S = 30.0  # no safety-net tick can happen within a test
 REACTION_LIMIT_S = 1.0  # the target is 100 ms; the bound is loose so a loaded host does not flake
 
 
-class Bed:
-    """A healthy fake service, the agent on it, and the CLI with the same config."""
-
-    def __init__(self, netns: Netns, tmp_path: Path) -> None:
-        self.ns = netns
-        self.svc = Service(netns, tmp_path / "svc").start()
-        self.state = tmp_path / "state"
-        self.cfg = agent_config(tmp_path / "agent.toml", self.svc.d, self.state,
-                                probe={"interval_s": EVENT_ONLY_INTERVAL_S})
-        self.agent = Agent(netns, self.cfg, tmp_path)
-
-    def cli(self, *args: str) -> float:
-        """Run ``python -m watcher ARGS --config C`` in the namespace; return when it returned."""
-        r = self.ns.run([sys.executable, "-m", "watcher", *args, "--config", str(self.cfg)],
-                        check=False, env=child_env())
-        done = time.monotonic()
-        assert r.returncode == 0, (r.stdout, r.stderr)
-        return done
-
-
-def _until(ns: Netns, pred: str, t0: float) -> float:
-    """Seconds from ``t0`` until the chain satisfies ChainView.<pred> (polled iptables-save)."""
-    wait_for(lambda: getattr(chain_view(ns), pred), 5.0, f"chain {pred}", interval=0.0)
+def _until(bed: AdminBed, pred: str, act: Callable[[], object]) -> float:
+    """Do ``act`` (a CLI call, a write); seconds from its end until the chain satisfies
+    ChainView.<pred> (polled iptables-save)."""
+    act()
+    t0 = time.monotonic()
+    wait_for(lambda: getattr(chain_view(bed.ns), pred), 5.0, f"chain {pred}", interval=0.0)
     return time.monotonic() - t0
 
 
 @pytest.fixture
-def bed(netns: Netns, tmp_path: Path) -> Bed:
-    return Bed(netns, tmp_path)
+def bed(netns: Netns, tmp_path: Path) -> AdminBed:
+    return AdminBed(netns, tmp_path)
 
 
-def test_cli_block_and_unblock_take_effect_quickly_while_running(bed: Bed) -> None:
+def test_cli_block_and_unblock_take_effect_quickly_while_running(bed: AdminBed) -> None:
     """block: chain blocked, daemon logs admin-block; unblock: the daemon reopens within 1 s."""
     bed.agent.start().wait_ready()
     assert chain_view(bed.ns).open
@@ -60,7 +42,7 @@ def test_cli_block_and_unblock_take_effect_quickly_while_running(bed: Bed) -> No
     assert ev["sslvpn_heartbeat.trigger"] == "admin" and ev["event.reason"] == "maintenance", ev
     assert chain_view(bed.ns, 6).blocked
     mark = bed.agent.mark()
-    t_unblock = _until(bed.ns, "open", bed.cli("unblock"))
+    t_unblock = _until(bed, "open", lambda: bed.cli("unblock"))
     print(f"\nCLI unblock return -> open {t_unblock * 1000:.1f} ms")
     ev = bed.agent.wait_event("firewall-unblock", 2.0, after=mark)
     assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
@@ -70,31 +52,27 @@ def test_cli_block_and_unblock_take_effect_quickly_while_running(bed: Bed) -> No
     bed.agent.check_clean()
 
 
-def test_block_recorded_in_the_state_dir_is_applied_by_the_daemon_alone(bed: Bed) -> None:
+def test_block_recorded_in_the_state_dir_is_applied_by_the_daemon_alone(bed: AdminBed) -> None:
     """An admin file written (as the CLI does) but not applied: the daemon applies it within 1 s."""
     bed.agent.start().wait_ready()
     mark = bed.agent.mark()
-    t0 = time.monotonic()
-    StateDir(bed.state).set_admin(False, "written directly")
-    took = _until(bed.ns, "blocked", t0)
+    took = _until(bed, "blocked", lambda: StateDir(bed.state).set_admin(False, "written directly"))
     ev = bed.agent.wait_event("firewall-block", 2.0, after=mark)
     print(f"\nadmin file written -> blocked {took * 1000:.1f} ms (daemon latency_ms="
           f"{ev['sslvpn_heartbeat.latency_ms']})")
     assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     assert took < REACTION_LIMIT_S
-    t0 = time.monotonic()
-    StateDir(bed.state).clear_admin()
-    took = _until(bed.ns, "open", t0)
+    took = _until(bed, "open", StateDir(bed.state).clear_admin)
     print(f"admin file removed -> open {took * 1000:.1f} ms")
     assert took < REACTION_LIMIT_S
     bed.agent.check_clean()
 
 
-def test_block_drain_rejects_only_syn_and_the_daemon_keeps_it(bed: Bed) -> None:
+def test_block_drain_rejects_only_syn_and_the_daemon_keeps_it(bed: AdminBed) -> None:
     """block --drain: one SYN-only REJECT rule; the daemon holds drain (not full block, not open)."""
     bed.agent.start().wait_ready()
     mark = bed.agent.mark()
-    _until(bed.ns, "drained", bed.cli("block", "--drain"))
+    _until(bed, "drained", lambda: bed.cli("block", "--drain"))
     ev = bed.agent.wait_event("firewall-drain", 2.0, after=mark)
     assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     assert chain_view(bed.ns).drained and chain_view(bed.ns, 6).drained
@@ -108,14 +86,14 @@ def test_block_drain_rejects_only_syn_and_the_daemon_keeps_it(bed: Bed) -> None:
     bed.svc.ctl("start")
     bed.agent.wait_event("service-up", 3.0, after=mark)
     assert chain_view(bed.ns).drained
-    _until(bed.ns, "open", bed.cli("unblock"))
+    _until(bed, "open", lambda: bed.cli("unblock"))
     bed.agent.check_clean()
 
 
-def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: Bed) -> None:
+def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: AdminBed) -> None:
     """Stop (on_exit=open) and start the agent while admin-blocked: never open, still blocked."""
     bed.agent.start().wait_ready()
-    _until(bed.ns, "blocked", bed.cli("block", "--reason", "upgrade"))
+    _until(bed, "blocked", lambda: bed.cli("block", "--reason", "upgrade"))
     bed.agent.wait_event("admin-block", 2.0)
     with Sampler(bed.ns) as sampler:
         assert bed.agent.stop() == 0
@@ -132,11 +110,11 @@ def test_admin_block_persists_across_a_daemon_restart_with_no_open_window(bed: B
     assert not not_blocked, not_blocked[:3]
     assert chain_view(bed.ns).blocked and chain_view(bed.ns, 6).blocked
     assert bed.agent.find("admin-block"), bed.agent.dump()
-    _until(bed.ns, "open", bed.cli("unblock"))
+    _until(bed, "open", lambda: bed.cli("unblock"))
     bed.agent.check_clean()
 
 
-def test_admin_block_made_while_no_daemon_runs_is_held_by_the_next_start(bed: Bed) -> None:
+def test_admin_block_made_while_no_daemon_runs_is_held_by_the_next_start(bed: AdminBed) -> None:
     """block with no daemon, then start it on a healthy service: it comes up blocked, not open."""
     bed.cli("block")
     assert chain_view(bed.ns).blocked
@@ -148,7 +126,7 @@ def test_admin_block_made_while_no_daemon_runs_is_held_by_the_next_start(bed: Be
     bed.agent.check_clean()
 
 
-def test_unblock_while_the_service_is_down_leaves_the_health_block(bed: Bed) -> None:
+def test_unblock_while_the_service_is_down_leaves_the_health_block(bed: AdminBed) -> None:
     """Admin block over a dead core, then unblock: the chain stays blocked (health says DOWN)."""
     bed.agent.start().wait_ready()
     bed.cli("block", "--drain")
@@ -158,7 +136,7 @@ def test_unblock_while_the_service_is_down_leaves_the_health_block(bed: Bed) -> 
     bed.agent.wait_event("service-down", 3.0, after=mark, trigger="pidfd")
     assert chain_view(bed.ns).drained  # the admin block overrides the health
     mark = bed.agent.mark()
-    _until(bed.ns, "blocked", bed.cli("unblock"))
+    _until(bed, "blocked", lambda: bed.cli("unblock"))
     ev = bed.agent.wait_event("firewall-block", 2.0, after=mark)
     assert ev["sslvpn_heartbeat.trigger"] == "admin", ev
     assert not bed.agent.find("firewall-unblock", mark), bed.agent.dump()

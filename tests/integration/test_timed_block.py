@@ -4,50 +4,23 @@ an expired record counts as none for a starting daemon and for the CLI."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.agent import Agent, Service, agent_config, chain_view, child_env
+from tests.agent import AdminBed, chain_view
 from tests.netns import Netns, wait_for
 from watcher.statedir import ADMIN_FILE, StateDir
 
 pytestmark = pytest.mark.netns
 
-EVENT_ONLY_INTERVAL_S = 30.0  # no safety-net tick within a test: the lift is the daemon's timer
 LIFT_LATE_S = 1.5  # how late after `until` the chain may open (target: a few ms; load margin)
 
 
-class Bed:
-    """A healthy fake service, the agent's config, the agent (not started) and the CLI."""
-
-    def __init__(self, netns: Netns, tmp_path: Path) -> None:
-        self.ns = netns
-        self.svc = Service(netns, tmp_path / "svc").start()
-        self.state = tmp_path / "state"
-        self.cfg = agent_config(tmp_path / "agent.toml", self.svc.d, self.state,
-                                probe={"interval_s": EVENT_ONLY_INTERVAL_S})
-        self.agent = Agent(netns, self.cfg, tmp_path)
-
-    def cli(self, *args: str, code: int = 0) -> tuple[str, str]:
-        """Run the CLI in the namespace; assert its exit code; return stdout, stderr."""
-        r = self.ns.run([sys.executable, "-m", "watcher", *args, "--config", str(self.cfg)],
-                        check=False, env=child_env())
-        assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-        return r.stdout, r.stderr
-
-    def status(self) -> dict[str, Any]:
-        """``status --json`` parsed."""
-        out: dict[str, Any] = json.loads(self.cli("status", "--json")[0])
-        return out
-
-
 @pytest.fixture
-def bed(netns: Netns, tmp_path: Path) -> Bed:
-    return Bed(netns, tmp_path)
+def bed(netns: Netns, tmp_path: Path) -> AdminBed:
+    return AdminBed(netns, tmp_path)
 
 
 def _opened_at(ns: Netns, timeout: float) -> float:
@@ -55,7 +28,7 @@ def _opened_at(ns: Netns, timeout: float) -> float:
     return time.time()
 
 
-def test_the_running_daemon_lifts_a_timed_block_at_until(bed: Bed) -> None:
+def test_the_running_daemon_lifts_a_timed_block_at_until(bed: AdminBed) -> None:
     """block --for 5s: blocked at once, status shows the time left; at until (not before, and
     soon after) the daemon opens the chain, removes the record and logs admin-unblock expired."""
     bed.agent.start().wait_ready()
@@ -84,7 +57,7 @@ def test_the_running_daemon_lifts_a_timed_block_at_until(bed: Bed) -> None:
     bed.agent.check_clean()
 
 
-def test_a_timed_drain_survives_a_daemon_restart_and_lifts_at_until(bed: Bed) -> None:
+def test_a_timed_drain_survives_a_daemon_restart_and_lifts_at_until(bed: AdminBed) -> None:
     """block --drain --for 6s, daemon restarted meanwhile: the new daemon comes up drained and
     still lifts the drain at the stored wall-clock time."""
     bed.agent.start().wait_ready()
@@ -103,7 +76,7 @@ def test_a_timed_drain_survives_a_daemon_restart_and_lifts_at_until(bed: Bed) ->
     bed.agent.check_clean()
 
 
-def test_a_daemon_starting_on_an_expired_record_treats_it_as_no_block(bed: Bed) -> None:
+def test_a_daemon_starting_on_an_expired_record_treats_it_as_no_block(bed: AdminBed) -> None:
     """A timed block that expired while no daemon ran (a reboot): the starting daemon opens the
     chain on a healthy service, removes the record and logs admin-unblock expired."""
     StateDir(bed.state).set_admin(False, "before the reboot", until=time.time() - 5)
@@ -117,7 +90,7 @@ def test_a_daemon_starting_on_an_expired_record_treats_it_as_no_block(bed: Bed) 
     bed.agent.check_clean()
 
 
-def test_cli_status_removes_an_expired_record(bed: Bed) -> None:
+def test_cli_status_removes_an_expired_record(bed: AdminBed) -> None:
     """No daemon: status finds an expired timed block, removes it, shows no block and logs
     admin-unblock expired; an untimed block is left alone."""
     until = time.time() - 1
@@ -134,7 +107,7 @@ def test_cli_status_removes_an_expired_record(bed: Bed) -> None:
 
 
 @pytest.mark.parametrize("bad", ["10", "1.5h", "5w", "0s", "-5m", "2h30"])
-def test_a_bad_duration_is_exit_2_and_records_nothing(bed: Bed, bad: str) -> None:
+def test_a_bad_duration_is_exit_2_and_records_nothing(bed: AdminBed, bad: str) -> None:
     """block --for BAD: exit 2 naming the accepted forms; no record, no chain made."""
     _, err = bed.cli("block", f"--for={bad}", code=2)
     assert "--for" in err and ("90s, 30m, 2h" in err or "longer than 0s" in err), err
