@@ -440,7 +440,8 @@ def _timed_agent(argv: Sequence[str]) -> int:
     from rules.iptc_backend import IptcBackend
     from rules.nft_backend import NftBackend
     from rules.restore import RestoreBackend
-    from watcher import cli, daemon
+    from watcher import daemon
+    from watcher.cli import commands as cli
     from watcher.probe import Prober
 
     cur = _Timing()

@@ -4,7 +4,7 @@ Run from the repository root: ``python -m bench.log_call [--calls N]``. No root 
 variant makes N calls of a firewall-block event with the fields the daemon passes, and times
 each call on the caller's side (what the event loop pays):
 
-- ``agent, pipe read``: watcher.logsetup's pipeline (ECS mapping, JSON, the bounded queue,
+- ``agent, pipe read``: watcher.outputs.logpipeline's pipeline (ECS mapping, JSON, the bounded queue,
   the writer thread) to a pipe that a thread reads, as journald does;
 - ``agent, pipe stalled``: the same to a one-page pipe that nobody reads (a stalled journald):
   lines beyond the queue are dropped and counted;
@@ -27,8 +27,8 @@ from collections.abc import Callable
 import structlog
 
 from watcher.config import LogConfig
-from watcher.logevents import Event
-from watcher.logsetup import configure
+from watcher.core.catalogue import Event
+from watcher.outputs.logpipeline import configure
 
 FIELDS = {"reason": "confirmed by kernel event: process: PID 4242 is not running",
           "trigger": "pidfd", "detail": "exit pid 4242", "latency_ms": 3.48,

@@ -28,7 +28,7 @@ from tests.ecs import check_event
 from tests.netns import REPO, Netns, wait_for
 from tests.testbed.cluster import Reply, http_get
 from tests.testbed.fakesvc import LISTENER_PID, PID_FILE, pid_alive, read_pid
-from watcher.logsetup import field_name
+from watcher.outputs.logpipeline import field_name
 
 __all__ = [
     "CHAIN",

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from watcher.logevents import Event
-from watcher.logsetup import NAMESPACE
+from watcher.core.catalogue import Event
+from watcher.outputs.logpipeline import NAMESPACE
 
 __all__ = ["ECS_CSV", "EVENTS_DOC", "check_event", "custom_fields", "ecs_fields"]
 

@@ -1,5 +1,5 @@
 """``python -m watcher`` runs the command line."""
 
-from watcher.cli import main
+from watcher.cli.commands import main
 
 raise SystemExit(main())

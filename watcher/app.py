@@ -20,10 +20,10 @@ from rules.errors import ForeignChain, RulesError
 from rules.firewall import Firewall
 from rules.model import ChainSpec
 from watcher.config import Config, load_config
+from watcher.core.catalogue import Event
 from watcher.errors import AlreadyRunning
-from watcher.logevents import Event
-from watcher.logsetup import configure
-from watcher.notify import Notifier
+from watcher.outputs.logpipeline import configure
+from watcher.outputs.notify import Notifier
 
 __all__ = ["LOCK_FILE", "build_firewall", "chain_spec", "instance_lock", "run"]
 

@@ -1,10 +1,10 @@
 """The imperative shell: sources -> coalesced trigger -> probe -> control.step -> carry out.
 
 One asyncio loop, no polling. Every source only *asks* for a probe; each round reads the admin
-record and probes, and hands both to the control core (``watcher.control``), which decides
+record and probes, and hands both to the control core (``watcher.core.control``), which decides
 everything. The daemon carries out the actions the core returns: a firewall change in one
 worker thread (``watcher.worker``: a lock wait never stalls intake), timers, log lines,
-sd_notify, the exit; ``watcher.outputs`` publishes the status (file, STATUS=, metrics, agent
+sd_notify, the exit; ``watcher.outputs.publisher`` publishes the status (file, STATUS=, metrics, agent
 check).
 """
 
@@ -19,14 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from rules.firewall import Firewall
-from watcher import control
 from watcher.config import Config, for_reload
+from watcher.core import control
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Source, Trigger
 from watcher.errors import EX_TEMPFAIL, AgentError
-from watcher.events import Source, Trigger
-from watcher.logevents import Event
-from watcher.logsetup import Logging
-from watcher.notify import Notifier
-from watcher.outputs import Outputs
+from watcher.outputs.logpipeline import Logging
+from watcher.outputs.notify import Notifier
+from watcher.outputs.publisher import Outputs
 from watcher.probe import Prober
 from watcher.sources.inotify import PidFileWatch
 from watcher.sources.pidfd import ProcessWatch

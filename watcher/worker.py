@@ -12,9 +12,9 @@ from typing import Any
 
 from rules.errors import RulesError
 from rules.firewall import ApplyReport, Firewall
-from watcher import control
+from watcher.core import control
+from watcher.core.catalogue import Event
 from watcher.errors import exit_code_of, is_transient
-from watcher.logevents import Event
 
 __all__ = ["FirewallWorker"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.sources import Log
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources.proc_connector import ProcConnectorSource, ProcEvent, ProcEventKind
 
 pytestmark = pytest.mark.initns

@@ -28,8 +28,8 @@ import pytest
 
 from tests.netns import wait_for
 from watcher.config import LogConfig
-from watcher.logevents import Event
-from watcher.logsetup import Logging, configure
+from watcher.core.catalogue import Event
+from watcher.outputs.logpipeline import Logging, configure
 
 LOGROTATE = shutil.which("logrotate") or (
     "/usr/sbin/logrotate" if os.path.exists("/usr/sbin/logrotate") else None)
@@ -118,7 +118,7 @@ def test_logrotate_copytruncate_leaves_no_hole(
 CHILD = """
 import signal, sys
 from watcher.config import LogConfig
-from watcher.logsetup import configure
+from watcher.outputs.logpipeline import configure
 lg = configure(LogConfig(file=sys.argv[1]), service_name="novell-sslvpn", stream=sys.stderr)
 signal.signal(signal.SIGHUP, lambda *_: lg.reopen())
 log = lg.logger()

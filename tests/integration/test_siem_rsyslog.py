@@ -25,8 +25,8 @@ import pytest
 from tests.agent import Agent, Service, agent_config
 from tests.ecs import check_event
 from tests.netns import REPO, Netns, wait_for
-from watcher.logevents import Event
-from watcher.logsetup import ECS_VERSION
+from watcher.core.catalogue import Event
+from watcher.outputs.logpipeline import ECS_VERSION
 
 pytestmark = pytest.mark.netns
 

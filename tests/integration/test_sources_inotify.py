@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.sources import Log, until
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources.inotify import PidFileWatch
 
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 from tests.sources import Log, until
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources.pidfd import ProcessWatch
 
 

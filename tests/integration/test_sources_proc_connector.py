@@ -11,7 +11,7 @@ import pytest
 
 from tests.netns import REPO, Netns
 from tests.sources import Log, until
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources.proc_connector import ProcConnectorSource, ProcEvent, ProcEventKind
 
 

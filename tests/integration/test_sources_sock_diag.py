@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.netns import REPO, Netns
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources._netlink import open_netlink
 from watcher.sources.sock_diag import (
     NETLINK_SOCK_DIAG,

@@ -93,7 +93,7 @@ def test_package_layout_is_an_application(built: BuiltPackage) -> None:
     """Modules in the private dir, command in /usr/sbin, nothing on the global python3 path."""
     listing = run(["dpkg-deb", "-c", str(built.deb)]).stdout
     paths = {line.split()[-1].lstrip(".") for line in listing.splitlines()}
-    for need in ("/usr/sbin/sslvpn-heartbeat", f"{PRIVATE}/watcher/cli.py",
+    for need in ("/usr/sbin/sslvpn-heartbeat", f"{PRIVATE}/watcher/cli/commands.py",
                  f"{PRIVATE}/watcher/sources/__init__.py", f"{PRIVATE}/rules/model.py",
                  str(UNIT), str(INIT), str(DEFAULTS), "/etc/sslvpn-heartbeat/config.toml",
                  "/usr/share/man/man8/sslvpn-heartbeat.8.gz", "/etc/logrotate.d/sslvpn-heartbeat",

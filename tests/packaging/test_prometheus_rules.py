@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.netns import REPO
-from watcher.metrics import Snapshot, render
+from watcher.outputs.metrics import Snapshot, render
 
 RULES_DIR = REPO / "packaging" / "prometheus"
 RULES = RULES_DIR / "sslvpn-heartbeat-rules.yml"

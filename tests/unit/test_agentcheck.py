@@ -1,4 +1,4 @@
-"""watcher.agentcheck: the answer as a pure function of the status, and the listener's bounds."""
+"""watcher.outputs.agentcheck: the answer as a pure function of the status, and the listener's bounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.agentcheck import MAX_REASON, AgentCheck, Status, answer, sanitize
+from watcher.outputs.agentcheck import MAX_REASON, AgentCheck, Status, answer, sanitize
 
 _HAPROXY_WORDS = {"up", "down", "ready", "drain", "maint", "100%"}
 

@@ -1,4 +1,4 @@
-"""watcher.cli in process, without root: usage errors, --help, config-check and its exit codes.
+"""watcher.cli.commands in process, without root: usage errors, --help, config-check and its exit codes.
 
 Only paths that stop before touching the firewall are exercised here (argument parsing and
 configuration loading); tests/integration/test_cli_errors.py runs the rest in a namespace.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.cli import main
+from watcher.cli.commands import main
 from watcher.errors import EX_CONFIG, EX_OK, EX_USAGE
 
 SUBCOMMANDS = ["run", "check", "status", "block", "unblock", "cleanup", "config-check"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.control import outranks as _outranks
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.control import outranks as _outranks
+from watcher.core.triggers import Evidence, Source, Trigger
 
 triggers = st.builds(Trigger, st.sampled_from(list(Source)), st.text(max_size=5),
                      st.integers(0, 10**12), st.sampled_from(list(Evidence)))

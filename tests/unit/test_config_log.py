@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from watcher.cli import main
+from watcher.cli.commands import main
 from watcher.config import LogConfig, load_config, parse_config
 from watcher.errors import EX_CONFIG, ConfigError
 

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rules.model import Mode
-from watcher import control
 from watcher.config import Config, FirewallConfig, ProbeConfig
-from watcher.control import (
+from watcher.core import control
+from watcher.core.control import (
     AdminBlock,
     AdminRead,
     Applied,
@@ -38,7 +38,7 @@ from watcher.control import (
     initial,
     step,
 )
-from watcher.events import Evidence, Source, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
 
 MS = 1_000_000
 P = Params(rise=3, fall=2, rise_interval_ns=250 * MS)

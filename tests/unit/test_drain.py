@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.drain import JsonProgress, LiveLine, wait_drained
+from watcher.cli.drain import JsonProgress, LiveLine, wait_drained
 
 
 class _Clock:

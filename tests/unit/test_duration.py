@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.duration import MAX_SECONDS, DurationError, format_duration, parse_duration
+from watcher.cli.duration import MAX_SECONDS, DurationError, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

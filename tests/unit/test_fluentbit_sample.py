@@ -21,8 +21,8 @@ import pytest
 
 from tests.ecs import check_event
 from watcher.config import LogConfig
-from watcher.logevents import Event
-from watcher.logsetup import configure
+from watcher.core.catalogue import Event
+from watcher.outputs.logpipeline import configure
 
 SAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "fluent-bit"
 LOGROTATE = Path(__file__).resolve().parents[2] / "packaging" / "sslvpn-heartbeat.logrotate"

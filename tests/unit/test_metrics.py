@@ -1,4 +1,4 @@
-"""watcher.metrics: the pure rendering, the histogram, the coalescing writer and atomic files."""
+"""watcher.outputs.metrics: the pure rendering, the histogram, the coalescing writer and atomic files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from watcher.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_atomic
+from watcher.outputs.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_atomic
 
 
 def _samples(data: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

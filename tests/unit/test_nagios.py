@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.plugin_output import parse
-from watcher.nagios import CRITICAL, OK, UNKNOWN, WARNING, Facts, unknown, verdict
+from watcher.cli.nagios import CRITICAL, OK, UNKNOWN, WARNING, Facts, unknown, verdict
 from watcher.statedir import AdminRecord
 
 _HEAD = re.compile(r"^SSLVPN-HEARTBEAT (OK|WARNING|CRITICAL|UNKNOWN) - \S")

@@ -1,4 +1,4 @@
-"""watcher.notify: sd_notify datagrams on a real unix socket, and the watchdog interval."""
+"""watcher.outputs.notify: sd_notify datagrams on a real unix socket, and the watchdog interval."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from watcher.notify import Notifier
+from watcher.outputs.notify import Notifier
 
 
 @pytest.fixture

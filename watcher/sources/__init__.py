@@ -1,4 +1,4 @@
-"""Kernel event sources: each turns one facility's events into ``watcher.events.Trigger`` values.
+"""Kernel event sources: each turns one facility's events into ``watcher.core.triggers.Trigger`` values.
 
 Every source has the same shape: ``__init__(..., emit, log)``, ``attach(loop)`` registers its
 file descriptor with ``loop.add_reader`` (no threads, no polling), ``close()`` is idempotent.

@@ -22,8 +22,8 @@ from typing import Any
 
 import pyinotify
 
-from watcher.events import Evidence, Source, Trigger
-from watcher.logevents import Event
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Evidence, Source, Trigger
 
 __all__ = ["PidFileWatch"]
 

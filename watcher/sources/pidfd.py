@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from watcher.events import Evidence, Source, Trigger
-from watcher.logevents import Event
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Evidence, Source, Trigger
 
 __all__ = ["ProcessWatch"]
 

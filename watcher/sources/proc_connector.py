@@ -33,8 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from watcher.events import Evidence, Source, Trigger
-from watcher.logevents import Event
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources._netlink import (
     NLMSG_DONE,
     NetlinkDecodeError,

@@ -40,8 +40,8 @@ from typing import Any
 from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import SS_LISTEN
 
-from watcher.events import Evidence, Source, Trigger
-from watcher.logevents import Event
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources._netlink import NetlinkDecodeError, grow_rcvbuf, iter_messages, open_netlink
 from watcher.sources._sockfilter import listener_filter
 

@@ -1,4 +1,4 @@
-"""watcher.logsetup: ECS fields, the catalogue in the code, the queue, the sinks and their failures."""
+"""watcher.outputs.logpipeline: ECS fields, the catalogue in the code, the queue, the sinks, failures."""
 
 from __future__ import annotations
 
@@ -21,9 +21,17 @@ import structlog
 
 from tests.ecs import check_event, custom_fields, ecs_fields
 from watcher.config import LogConfig
-from watcher.events import Source
-from watcher.logevents import Event
-from watcher.logsetup import CLOSE_WITHIN_S, ECS_VERSION, FIELDS, NAMESPACE, Logging, configure, field_name
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Source
+from watcher.outputs.logpipeline import (
+    CLOSE_WITHIN_S,
+    ECS_VERSION,
+    FIELDS,
+    NAMESPACE,
+    Logging,
+    configure,
+    field_name,
+)
 
 T0 = 1_764_076_200.123456  # 2025-11-25T13:10:00.123456Z
 HOST = "vpn1.example"
@@ -212,7 +220,7 @@ def test_stdlib_records_become_the_same_json(mk: Any) -> None:
     [d] = s.lines()
     assert (d["message"], d["log.level"], d["log.logger"]) == (
         "netlink socket closed", "warning", "pyroute2.ndb")
-    assert d["log.origin.file.name"] == "test_logsetup.py"
+    assert d["log.origin.file.name"] == "test_logpipeline.py"
     assert "event.action" not in d
     check_event(d)
 

@@ -33,7 +33,7 @@ import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from watcher.config import LogConfig
-from watcher.logevents import Event
+from watcher.core.catalogue import Event
 
 __all__ = ["APP_NAME", "ECS_VERSION", "FIELDS", "NAMESPACE", "QUEUE_LINES", "Logging", "configure",
            "field_name"]

@@ -30,8 +30,8 @@ from typing import Any
 
 from rules.model import Mode
 from watcher.config import Config
-from watcher.events import Evidence, Trigger
-from watcher.logevents import Event
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Evidence, Trigger
 
 __all__ = [
     "Action",

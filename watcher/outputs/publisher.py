@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from watcher import __version__, agentcheck, control
+from watcher import __version__
 from watcher.config import Config, parse_listen
-from watcher.events import Source
-from watcher.logevents import Event
-from watcher.metrics import Metrics
-from watcher.notify import Notifier
+from watcher.core import control
+from watcher.core.catalogue import Event
+from watcher.core.triggers import Source
+from watcher.outputs import agentcheck
+from watcher.outputs.metrics import Metrics
+from watcher.outputs.notify import Notifier
 from watcher.probe import CHECKS
 from watcher.statedir import StateDir
 

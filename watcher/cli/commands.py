@@ -22,8 +22,9 @@ from rules.model import Mode
 from rules.render import foreign_conflict
 from watcher import __version__
 from watcher.app import build_firewall
+from watcher.cli.duration import DurationError, format_duration, parse_duration
 from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
-from watcher.duration import DurationError, format_duration, parse_duration
+from watcher.core.catalogue import Event
 from watcher.errors import (
     EX_CONFIG,
     EX_OK,
@@ -35,7 +36,6 @@ from watcher.errors import (
     FacilityMissing,
     exit_code_of,
 )
-from watcher.logevents import Event
 from watcher.statedir import AdminRecord, StateDir
 
 __all__ = ["main"]
@@ -66,7 +66,7 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _cli_logger(cfg: Config) -> Any:
     """A logger for one-shot commands: the configured sinks, stream on stderr."""
-    from watcher import logsetup
+    from watcher.outputs import logpipeline as logsetup
 
     return logsetup.configure(cfg.log, service_name=cfg.service.name, stream=sys.stderr).logger()
 
@@ -219,7 +219,7 @@ def cmd_block(args: argparse.Namespace) -> int:
 def _wait_drained(cfg: Config, log: Any, timeout: float | None) -> int:
     """Wait until no established connection to the port remains: 0, or 75 on timeout (the
     drain stays recorded and in force either way)."""
-    from watcher.drain import JsonProgress, LiveLine, wait_drained
+    from watcher.cli.drain import JsonProgress, LiveLine, wait_drained
 
     port = cfg.service.port
     show: LiveLine | JsonProgress = (LiveLine(sys.stdout, port, timeout) if sys.stdout.isatty()
@@ -303,7 +303,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Run one verification probe now; print it as JSON; exit 0 healthy, 1 unhealthy. With
-    ``--nagios``: one monitoring-plugin line, exit 0/1/2/3 (see watcher.nagios)."""
+    ``--nagios``: one monitoring-plugin line, exit 0/1/2/3 (see watcher.cli.nagios)."""
     if args.nagios:
         return _check_nagios(args)
     import asyncio
@@ -330,7 +330,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_nagios(args: argparse.Namespace) -> int:
     """``check --nagios``: never an exit code outside 0-3; a check that cannot run is UNKNOWN."""
-    from watcher import nagios
+    from watcher.cli import nagios
 
     try:
         code, line = _nagios_verdict(args)
@@ -346,7 +346,7 @@ def _check_nagios(args: argparse.Namespace) -> int:
 def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
     import asyncio
 
-    from watcher import nagios
+    from watcher.cli import nagios
     from watcher.probe import Prober
     from watcher.sources.sock_diag import listening
     from watcher.statedir import ADMIN_FILE

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from watcher.duration import format_duration
+from watcher.cli.duration import format_duration
 from watcher.statedir import AdminRecord
 
 __all__ = ["CRITICAL", "OK", "PREFIX", "UNKNOWN", "WARNING", "Facts", "unknown", "verdict"]

@@ -1,0 +1,1 @@
+"""The pure control core: decisions, the triggers it reads, the event catalogue."""
