@@ -13,11 +13,10 @@ from typing import Protocol
 
 from rules.errors import BackendUnavailable
 from rules.model import Family
-from rules.render import Plan, TableState
+from rules.plan import Plan, TableState
 
 __all__ = [
     "Backend",
-    "BatchingBackend",
     "CommandResult",
     "Runner",
     "StartedCommand",
@@ -153,16 +152,15 @@ def detect_tools(family: Family, runner: Runner) -> Tools:
 
 
 class Backend(Protocol):
-    """Writes one transaction per family and reads the table back.
+    """Reads one family's table and commits the plans of one engine step.
 
-    ``apply`` either commits the whole plan or changes nothing (raising TransactionFailed or
-    LockContention); ``read`` returns the table's state as the kernel holds it now. A backend
-    may also say ``parallel_safe = True`` (the families may be applied from two threads at once)
-    and offer ``apply_many`` (see BatchingBackend).
+    ``commit`` takes the plans of every family the step changes (at most one each) and either
+    commits each whole or leaves it unchanged (raising TransactionFailed, LockContention or
+    BatchRefused); it never plans, retries or falls back: that is the engine's. ``read`` returns
+    the table's state as the kernel holds it now and changes nothing.
     """
 
     name: str
-    parallel_safe: bool  # IPv4 and IPv6 may be applied from two threads at once
     lock_wait_s: float  # the bound on waiting for the xtables lock when no deadline is given
 
     def flavour(self, family: Family) -> str:
@@ -173,22 +171,9 @@ class Backend(Protocol):
         """The kernel's current state of ``chain`` and its jumps."""
         ...
 
-    def apply(self, plan: Plan, *, wait_s: float) -> None:
-        """Commit ``plan`` as one transaction, within ``wait_s`` seconds (lock wait included)."""
-        ...
-
-    def plans_from_fresh_read(self, family: Family) -> bool:
-        """True when a plan must come from a read made just before it (never from a cache)."""
+    def commit(self, plans: Sequence[Plan], wait_s: float) -> None:
+        """Commit ``plans`` (one per family) within ``wait_s`` seconds, lock wait included."""
         ...
 
     def close(self) -> None:
-        """Release what the backend keeps (started programs, handles)."""
-
-class BatchingBackend(Backend, Protocol):
-    """A backend that can commit several families' plans together (the nft backend: one netlink
-    batch). An engine that commits every family before it reads any back calls it once."""
-
-    def apply_many(self, plans: Sequence[Plan]) -> bool:
-        """Commit ``plans`` (one per family) as one transaction and return True; or change
-        nothing and return False when they cannot share one (the caller applies each)."""
-        ...
+        """Release what the backend keeps (started programs, sockets)."""

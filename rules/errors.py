@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailable",
+    "BatchRefused",
     "ForeignChain",
     "LockContention",
     "ReadBackMismatch",
@@ -32,6 +33,10 @@ class TransactionFailed(RulesError):
         self.stderr = stderr
         self.returncode = returncode
         super().__init__(f"{message}: {stderr.strip()}" if stderr.strip() else message)
+
+
+class BatchRefused(TransactionFailed):
+    """The kernel refused an nf_tables netlink batch as a whole; nothing changed."""
 
 
 class ForeignChain(RulesError):

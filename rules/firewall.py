@@ -1,24 +1,49 @@
-"""The chain engine: read, plan, apply once per family, read back; one attempt per call.
+"""The chain engine: read, plan every family, commit once, read back; one attempt per call.
 
 ``Firewall`` is what the CLI and the daemon use. It owns one chain and its jump from INPUT, for
-IPv4 and (where the system has it) IPv6, and touches nothing else.
+IPv4 and (where the system has it) IPv6, and touches nothing else. It runs in one thread: each
+step reads each family (or takes the last read-back), plans each with the pure functions of
+``rules.plan``, hands every plan to the backend in one ``commit``, and reads back and compares
+in one place. The backend policy lives here too: which backend ``auto`` is (``open_backend``),
+and the one fallback (an nf_tables netlink batch refused, or its read-back wrong: iptables-restore
+from then on, said once).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from rules.base import Backend
-from rules.errors import BackendUnavailable, ForeignChain, LockContention, ReadBackMismatch, TransactionFailed
+from rules.base import Backend, Runner, SubprocessRunner, detect_tools
+from rules.errors import (
+    BackendUnavailable,
+    BatchRefused,
+    ForeignChain,
+    LockContention,
+    ReadBackMismatch,
+    TransactionFailed,
+)
+from rules.iptc_backend import IptcBackend
 from rules.model import ChainSpec, Family, Mode
-from rules.render import Plan, TableState, desired_state, foreign_conflict, plan_apply, plan_remove
+from rules.nft_backend import NftBackend
+from rules.plan import (
+    Plan,
+    TableState,
+    backend_fault,
+    desired_state,
+    foreign_conflict,
+    holds,
+    plan_apply,
+    plan_remove,
+)
+from rules.restore import RestoreBackend
 
-__all__ = ["ApplyReport", "EventLog", "Firewall"]
+__all__ = ["BACKENDS", "ApplyReport", "EventLog", "Firewall", "make_backend", "open_backend"]
+
+BACKENDS = ("auto", "restore", "iptc", "nft")
 
 
 class EventLog(Protocol):
@@ -41,11 +66,46 @@ class _Silent:
         pass
 
 
-@dataclass(frozen=True)
-class _FamilyResult:
-    changed: bool
-    transactions: int
-    committed_ns: int | None = None
+def open_backend(name: str, *, runner: Runner | None = None, lock_wait_s: float = 5.0,
+                 prestart: bool = False) -> tuple[Backend, Callable[[], Backend] | None]:
+    """The backend called ``name`` and what to fall back to if it proves wrong (or None).
+
+    ``auto`` is iptc on legacy hosts where it loads, nft (netlink) on nf_tables hosts where a
+    netlink socket opens (only with the real runner: netlink writes the kernel itself), else
+    restore; nft, named or chosen, falls back to restore. ``prestart`` (the daemon's) keeps an
+    iptables-restore started ahead of each transaction. Raises BackendUnavailable when iptables
+    is missing or the named backend cannot work here.
+    """
+    run = runner or SubprocessRunner()
+
+    def restore() -> Backend:
+        backend = RestoreBackend(run, lock_wait_s, prestart=prestart)
+        backend.tools(Family.V4)  # fail now, clearly, if iptables is missing
+        return backend
+
+    if name == "restore":
+        return restore(), None
+    if name == "iptc":
+        return IptcBackend(run, lock_wait_s), None
+    if name == "nft":
+        return NftBackend(run, lock_wait_s), restore
+    if name == "auto":
+        legacy = detect_tools(Family.V4, run).flavour == "legacy"
+        try:
+            if legacy:
+                return IptcBackend(run, lock_wait_s), None
+            if runner is None:
+                return NftBackend(run, lock_wait_s), restore
+        except BackendUnavailable:
+            pass
+        return restore(), None
+    raise BackendUnavailable(f"unknown backend {name!r} ({', '.join(BACKENDS)})")
+
+
+def make_backend(name: str, *, runner: Runner | None = None, lock_wait_s: float = 5.0,
+                 prestart: bool = False) -> Backend:
+    """The backend called ``name`` alone, without its fallback (see ``open_backend``)."""
+    return open_backend(name, runner=runner, lock_wait_s=lock_wait_s, prestart=prestart)[0]
 
 
 @dataclass(frozen=True)
@@ -54,8 +114,8 @@ class ApplyReport:
 
     changed: tuple[Family, ...]
     transactions: int
-    # monotonic_ns when the last family's transaction was committed (before its read-back):
-    # the moment the rule took effect, for latency reports
+    # monotonic_ns when the last commit returned (before its read-back): the moment the rule
+    # took effect, for latency reports
     committed_ns: int | None = None
 
 
@@ -65,7 +125,7 @@ class Firewall:
     Each call is one attempt: it either reaches the mode, read back, or raises having changed
     nothing more than whole transactions. Trying again is the caller's decision. (A plan made
     from the last read-back that proves stale is made once more from a fresh read within the
-    same call: a cache miss, not a retry.)
+    same call: a cache miss, not a retry; so is the one switch to the fallback backend.)
     """
 
     def __init__(
@@ -77,6 +137,7 @@ class Firewall:
         log: EventLog | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
         kernel_has_ipv6: Callable[[], bool] = lambda: os.path.exists("/proc/sys/net/ipv6"),
+        fallback: Callable[[], Backend] | None = None,
     ) -> None:
         self.backend = backend
         self.spec = spec
@@ -84,10 +145,18 @@ class Firewall:
         self._clock = clock
         self._kernel_has_ipv6 = kernel_has_ipv6
         self._want_v6 = ipv6
+        self._fallback = fallback
+        self.fallen_back: str | None = None  # why the first backend was given up, once it was
         self.families: tuple[Family, ...] = ()  # set by detect_families()
         self._known: dict[Family, TableState] = {}
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._owned = False  # check_ownership() passed once
+
+    @classmethod
+    def open(cls, backend: str, spec: ChainSpec, *, ipv6: bool = True, log: EventLog | None = None,
+             lock_wait_s: float = 5.0, prestart: bool = False) -> Firewall:
+        """The Firewall on the backend called ``backend`` (see ``open_backend``), with its fallback."""
+        chosen, fallback = open_backend(backend, lock_wait_s=lock_wait_s, prestart=prestart)
+        return cls(chosen, spec, ipv6=ipv6, log=log, fallback=fallback)
 
     def detect_families(self) -> tuple[Family, ...]:
         """Read each family once: IPv4, plus IPv6 when configured and present (its absence is
@@ -140,118 +209,103 @@ class Firewall:
             return self.backend.lock_wait_s + 1.0  # the lock wait, and the commit itself
         return max(0.05, (deadline_ns - self._clock()) / 1e9)
 
+    def _fall_back(self, family: Family, reason: str) -> bool:
+        """Give up the first backend for good, say so once; False when there is no fallback."""
+        if self._fallback is None:
+            return False
+        make, self._fallback = self._fallback, None
+        old, self.backend = self.backend, make()
+        old.close()
+        self.fallen_back = reason
+        self._log.warning("firewall-backend-fallback", family=str(family), reason=reason,
+                          backend=self.backend.name,
+                          message=f"backend {old.name} given up for good: {self.backend.name} "
+                                  "from now on")
+        return True
+
     def ensure(self, mode: Mode, *, fresh: bool = True, deadline_ns: int | None = None) -> ApplyReport:
-        """Make every family hold ``mode``: one transaction each where needed, then read back.
+        """Make every family hold ``mode``: one commit for all that need it, then read back.
 
         ``fresh=False`` plans from the state read back after the previous change instead of
-        reading the table first (the hot path of a transition: one process less). Families are
-        done concurrently when the backend allows it. No transaction outlives ``deadline_ns``
-        (monotonic): a lock wait past it fails. Raises ReadBackMismatch if the kernel then
-        disagrees, LockContention when the xtables lock stayed busy, TransactionFailed when
-        iptables refused; after any failure the next call plans from a fresh read;
-        ForeignChain (before any change) on the first call when the chain is someone else's.
+        reading the table first (the hot path of a transition: one process less per family).
+        No transaction outlives ``deadline_ns`` (monotonic): a lock wait past it fails. Raises
+        ReadBackMismatch if the kernel then disagrees, LockContention when the xtables lock
+        stayed busy, TransactionFailed when iptables refused; after any failure the next call
+        plans from a fresh read; ForeignChain (before any change) on the first call when the
+        chain is someone else's.
         """
-        if not self._owned:
-            self.check_ownership()
         fams = self._fams()
-        pre = {} if fresh else self._commit_together(fams, mode)
-        if len(fams) > 1 and self.backend.parallel_safe:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(len(fams), "family")
-            futures = [self._pool.submit(self._ensure_family, f, mode, fresh, deadline_ns,
-                                         pre.get(f)) for f in fams]
-            results = [fut.result() for fut in futures]
+        known, self._known = self._known, {}  # until read back, nothing is known
+        if not self._owned:
+            observed, cached = self.check_ownership(), set()  # a fresh read of every family
         else:
-            results = [self._ensure_family(f, mode, fresh, deadline_ns, pre.get(f)) for f in fams]
-        return ApplyReport(
-            tuple(f for f, r in zip(fams, results, strict=True) if r.changed),
-            sum(r.transactions for r in results),
-            max((r.committed_ns for r in results if r.committed_ns is not None), default=None),
-        )
-
-    def _commit_together(self, fams: tuple[Family, ...], mode: Mode) -> dict[Family, tuple[Plan, int]]:
-        """On the hot path, with a backend that can (``apply_many``), commit every family's plan
-        from the last read-backs in one transaction before any read-back; {} when not done."""
-        many = getattr(self.backend, "apply_many", None)
-        if many is None or len(fams) < 2:
-            return {}
-        plans = []
-        for f in fams:
-            cached = self._known.get(f)
-            if cached is None or self.backend.plans_from_fresh_read(f):
-                return {}
-            plan = plan_apply(self.spec, f, mode, cached)
-            if not plan.is_noop:
-                plans.append(plan)
-        try:
-            if len(plans) < 2 or not many(plans):
-                return {}
-        except TransactionFailed:
-            return {}  # one transaction: nothing changed; each family is tried on its own
-        committed = self._clock()
-        return {p.family: (p, committed) for p in plans}
-
-    def _ensure_family(self, fam: Family, mode: Mode, fresh: bool, deadline_ns: int | None,
-                       pre: tuple[Plan, int] | None = None) -> _FamilyResult:
-        want = desired_state(self.spec, fam, mode)
-        fresh = fresh or self.backend.plans_from_fresh_read(fam)
-        cached = self._known.pop(fam, None)  # until read back, nothing is known
-        observed = cached if cached is not None and not fresh else self.backend.read(fam, self.spec.name)
+            cached = set() if fresh else {f for f in fams if f in known}
+            observed = {f: known[f] if f in cached else self.backend.read(f, self.spec.name)
+                        for f in fams}
+        want = {f: desired_state(self.spec, f, mode) for f in fams}
+        changed: set[Family] = set()
         tx = 0
-        while True:
-            plan = plan_apply(self.spec, fam, mode, observed)
-            if plan.is_noop:
-                self._known[fam] = observed
-                return _FamilyResult(tx > 0, tx)
-            tx += 1
+        committed: int | None = None
+        for _ in range(4):  # a stale cache, the fallback, and the attempt after each
+            plans = [p for f in fams if not (p := plan_apply(self.spec, f, mode, observed[f])).is_noop]
+            if not plans:
+                self._known = observed
+                return ApplyReport(tuple(f for f in fams if f in changed), tx, committed)
             try:
-                if pre is not None and observed is cached and plan == pre[0]:
-                    committed = pre[1]  # committed with the other families (_commit_together)
-                else:
-                    self.backend.apply(plan, wait_s=self._wait_s(deadline_ns))
-                    committed = self._clock()
+                self.backend.commit(plans, self._wait_s(deadline_ns))
             except LockContention:
                 raise  # the deadline is spent: no second wait
-            except TransactionFailed:
-                if observed is not cached:
-                    raise
-                observed = self.backend.read(fam, self.spec.name)  # the cache was stale
+            except TransactionFailed as exc:
+                if cached & {p.family for p in plans}:
+                    observed, cached = self.read(), set()  # planned from a stale read-back
+                    continue
+                if isinstance(exc, BatchRefused) and self._fall_back(plans[0].family, str(exc)):
+                    continue
+                raise
+            committed = self._clock()
+            tx += len(plans)
+            after = {p.family: self.backend.read(p.family, self.spec.name) for p in plans}
+            changed.update(after)
+            observed.update(after)
+            wrong = [f for f, st in after.items() if not holds(st, want[f])]
+            if not wrong:
+                self._known = observed
+                return ApplyReport(tuple(f for f in fams if f in changed), tx, committed)
+            fault = next((f for f in wrong if backend_fault(after[f], want[f])), None)
+            if fault is not None and self._fall_back(
+                    fault, f"{fault}: the kernel holds rules={after[fault].rules} after the commit; "
+                           f"iptables-restore would have written rules={want[fault].rules}"):
+                cached = set()
                 continue
-            after = self.backend.read(fam, self.spec.name)
-            if (after.chain_present, after.rules, after.jumps) == (want.chain_present, want.rules,
-                                                                   want.jumps):
-                self._known[fam] = after
-                return _FamilyResult(True, tx, committed)
-            if observed is not cached:
-                raise ReadBackMismatch(
-                    f"{fam}: after applying {mode}, the kernel holds rules={after.rules} "
-                    f"jumps={after.jumps}; expected rules={want.rules} jumps={want.jumps}"
-                )
-            # Planned from the last read-back, which someone changed since (a firewall reload):
-            # plan once more, at once, from what the kernel holds now.
-            observed = after
-
-    def close(self) -> None:
-        """Release the worker threads and whatever the backend keeps running."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self.backend.close()
+            if cached & set(wrong):
+                # Planned from the last read-back, which someone changed since (a firewall
+                # reload): plan once more, at once, from what the kernel holds now.
+                cached = set()
+                continue
+            break
+        f = next((f for f in fams if not holds(observed[f], want[f])), fams[0])
+        st = observed[f]
+        raise ReadBackMismatch(
+            f"{f}: after applying {mode}, the kernel holds rules={st.rules} jumps={st.jumps}; "
+            f"expected rules={want[f].rules} jumps={want[f].jumps}")
 
     def remove(self, *, deadline_ns: int | None = None) -> ApplyReport:
-        """Delete our jumps and our chain in every family; read back that both are gone.
-        Raises ForeignChain, before any change, when the chain is someone else's."""
-        self.check_ownership()
-        changed: list[Family] = []
-        for fam in self._fams():
-            observed = self.backend.read(fam, self.spec.name)
-            plan = plan_remove(self.spec, fam, observed)
-            if plan.is_noop:
-                continue
-            self._known.pop(fam, None)
-            self.backend.apply(plan, wait_s=self._wait_s(deadline_ns))
-            after = self.backend.read(fam, self.spec.name)
+        """Delete our jumps and our chain in every family, in one commit; read back that both
+        are gone. Raises ForeignChain, before any change, when the chain is someone else's."""
+        states = self.check_ownership()
+        self._known.clear()
+        plans: Sequence[Plan] = [p for f, st in states.items()
+                                 if not (p := plan_remove(self.spec, f, st)).is_noop]
+        if not plans:
+            return ApplyReport((), 0)
+        self.backend.commit(plans, self._wait_s(deadline_ns))
+        committed = self._clock()
+        for plan in plans:
+            after = self.backend.read(plan.family, self.spec.name)
             if after.chain_present or after.jumps:
-                raise ReadBackMismatch(f"{fam}: chain {self.spec.name} still present after removal")
-            changed.append(fam)
-        return ApplyReport(tuple(changed), len(changed))
+                raise ReadBackMismatch(f"{plan.family}: chain {self.spec.name} still present after removal")
+        return ApplyReport(tuple(p.family for p in plans), len(plans), committed)
+
+    def close(self) -> None:
+        """Release whatever the backend keeps running."""
+        self.backend.close()

@@ -14,13 +14,13 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from rules.base import Runner, SubprocessRunner, detect_tools
 from rules.errors import BackendUnavailable, LockContention, TransactionFailed
 from rules.model import Family, RejectRule
-from rules.render import Plan, TableState
+from rules.plan import Plan, TableState
 
 __all__ = ["XTABLES_LOCK", "IptcBackend", "xtables_lock"]
 
@@ -63,7 +63,6 @@ class IptcBackend:
     """Applies plans through libiptc; refuses on hosts whose iptables is nf_tables."""
 
     name = "iptc"
-    parallel_safe = False  # libiptc handles are not thread-safe
 
     def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0) -> None:
         run = runner or SubprocessRunner()
@@ -153,17 +152,17 @@ class IptcBackend:
         t.reject_with = rw
         return r
 
-    def plans_from_fresh_read(self, family: Family) -> bool:
-        """False: the commit changes only our chain and jump in a table libiptc reads itself,
-        so built-in policies and counters are carried over from the kernel, not from the plan."""
-        return False
+    def commit(self, plans: Sequence[Plan], wait_s: float) -> None:
+        """Each family's table changed in memory and committed once, under the xtables lock
+        (waited for at most ``wait_s`` in all, and never longer than ``lock_wait_s``)."""
+        deadline = time.monotonic() + min(wait_s, self.lock_wait_s)
+        for plan in plans:
+            self._commit_one(plan, max(0.0, deadline - time.monotonic()))
 
-    def apply(self, plan: Plan, *, wait_s: float) -> None:
-        """Change the table in memory and commit it once, under the xtables lock (waited for
-        at most ``wait_s``, and never longer than ``lock_wait_s``)."""
+    def _commit_one(self, plan: Plan, wait_s: float) -> None:
         iptc = self._iptc
         try:
-            with xtables_lock(min(wait_s, self.lock_wait_s)):
+            with xtables_lock(wait_s):
                 table = self._table(plan.family)
                 # A table replacement zeroes the built-in chains' policy counters: carry them over
                 # from the snapshot this commit replaces.

@@ -1,18 +1,21 @@
 """The ``restore`` backend: iptables-restore --noflush of the system's own flavour.
 
 This module holds the only subprocess calls that change the firewall. One call = one
-transaction: iptables-restore commits the whole ``*filter`` block or nothing (nf_tables: one
-netlink batch; legacy: one replacement of the table blob under the xtables lock).
+transaction per family: iptables-restore commits the whole ``*filter`` block or nothing
+(nf_tables: one netlink batch; legacy: one replacement of the table blob under the xtables lock).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Sequence
 
 from rules.base import CommandResult, Runner, StartedCommand, SubprocessRunner, Tools, detect_tools
 from rules.errors import LockContention, TransactionFailed
 from rules.model import Family
-from rules.render import Plan, TableState, parse_save, render_restore
+from rules.plan import Plan, TableState, parse_save
+from rules.render import render_restore
 
 __all__ = ["XTABLES_RESOURCE_PROBLEM", "RestoreBackend"]
 
@@ -21,10 +24,9 @@ XTABLES_RESOURCE_PROBLEM = 4
 
 
 class RestoreBackend:
-    """Applies plans with one iptables-restore call per family; reads with iptables-save."""
+    """Commits plans with one iptables-restore per family; reads with iptables-save."""
 
     name = "restore"
-    parallel_safe = True  # each call is its own process: IPv4 and IPv6 may run side by side
 
     def __init__(self, runner: Runner | None = None, lock_wait_s: float = 5.0, *,
                  prestart: bool = False) -> None:
@@ -34,9 +36,10 @@ class RestoreBackend:
         self._wait = max(1, math.ceil(lock_wait_s))
         self._tools: dict[Family, Tools] = {}
         # A long-running agent keeps one iptables-restore per family started and waiting for
-        # its transaction, so a transition does not wait for a program to start. (It takes no
-        # xtables lock until it reads its input.) Only with the real runner.
-        self._prestart = prestart and isinstance(self._run, SubprocessRunner)
+        # its next transaction, so a transition does not wait for a program to start. (It
+        # takes no xtables lock until it reads its input.) Only with the real runner.
+        self._real = isinstance(self._run, SubprocessRunner)
+        self._prestart = prestart and self._real
         self._ready: dict[Family, StartedCommand] = {}
 
     def tools(self, family: Family) -> Tools:
@@ -49,21 +52,15 @@ class RestoreBackend:
         """``nf_tables`` or ``legacy``: what the system's iptables is."""
         return self.tools(family).flavour
 
-    def read(self, family: Family, chain: str) -> TableState:
-        """Our chain's state from ``iptables-save -t filter`` (never from ``iptables -L``)."""
+    def _save(self, family: Family) -> str:
         t = self.tools(family)
         res = self._run([t.save, "-t", "filter"], timeout=self._wait + 10)
         self._check(res, f"{t.save} -t filter")
-        state = parse_save(res.stdout, chain)
-        if self._prestart and family not in self._ready:
-            self._ready[family] = StartedCommand(self._restore_argv(t))
-        return state
+        return res.stdout
 
-    def plans_from_fresh_read(self, family: Family) -> bool:
-        """True on legacy x_tables: each transaction re-declares the built-in chains with the
-        policies and counters it was planned from, so a plan made from an old read would
-        write old policies and counters back. Plan from a read made just before."""
-        return self.tools(family).flavour == "legacy"
+    def read(self, family: Family, chain: str) -> TableState:
+        """Our chain's state from ``iptables-save -t filter`` (never from ``iptables -L``)."""
+        return parse_save(self._save(family), chain)
 
     def _restore_argv(self, t: Tools) -> list[str]:
         argv = [t.restore, "--noflush", "--wait", str(self._wait)]
@@ -71,22 +68,53 @@ class RestoreBackend:
             argv.append("--counters")
         return argv
 
-    def apply(self, plan: Plan, *, wait_s: float) -> None:
-        """Commit ``plan`` with ``iptables-restore --noflush --wait``: all of it or nothing.
+    def _text(self, plan: Plan) -> str:
+        """The plan as restore text; on legacy with the built-in chains' headers as they are now
+        (a legacy table replacement would zero their counters, so they are written back)."""
+        if self.tools(plan.family).flavour != "legacy":
+            return render_restore(plan)
+        return render_restore(plan, policies=parse_save(self._save(plan.family), plan.chain).policies)
 
-        A restore still running after ``wait_s`` (waiting for the xtables lock) is killed; it
-        commits in one system call or not at all, so killing it changes nothing."""
-        t = self.tools(plan.family)
-        text = render_restore(plan, keep_policy_counters=t.flavour == "legacy")
-        started = self._ready.pop(plan.family, None)
-        if started is not None and started.alive:
-            res = started.finish(text, timeout=wait_s)
-        else:
-            res = self._run(self._restore_argv(t), input=text, timeout=wait_s)
-        if res.returncode < 0:
-            raise LockContention(f"{t.restore} --noflush: not done within {wait_s:.2g}s",
-                                 stderr=res.stderr, returncode=res.returncode)
-        self._check(res, f"{t.restore} --noflush")
+    def commit(self, plans: Sequence[Plan], wait_s: float) -> None:
+        """Commit each plan with its family's ``iptables-restore --noflush --wait``: all of it or
+        nothing, per family. Every family's program is started before the first is fed.
+
+        A restore still running ``wait_s`` after the call began (waiting for the xtables lock) is
+        killed; it commits in one system call or not at all, so killing it changes nothing."""
+        deadline = time.monotonic() + wait_s
+        texts = [(plan, self._text(plan)) for plan in plans]
+        started = [(plan, text, self._started(plan.family)) for plan, text in texts]
+        failure: TransactionFailed | None = None
+        for plan, text, cmd in started:
+            t = self.tools(plan.family)
+            left = max(0.05, deadline - time.monotonic())
+            if cmd is None:
+                res = self._run(self._restore_argv(t), input=text, timeout=left)
+            else:
+                res = cmd.finish(text, timeout=left)
+            try:
+                if res.returncode < 0:
+                    raise LockContention(f"{t.restore} --noflush: not done within {wait_s:.2g}s",
+                                         stderr=res.stderr, returncode=res.returncode)
+                self._check(res, f"{t.restore} --noflush")
+            except TransactionFailed as exc:
+                failure = failure or exc
+        if self._prestart:
+            for plan in plans:  # ready for the next transaction, started now rather than then
+                self._ready[plan.family] = StartedCommand(self._restore_argv(self.tools(plan.family)))
+        if failure is not None:
+            raise failure
+
+    def _started(self, family: Family) -> StartedCommand | None:
+        """The program started ahead for ``family``, if it still waits; else None."""
+        cmd = self._ready.pop(family, None)
+        if cmd is not None and cmd.alive:
+            return cmd
+        if cmd is not None:
+            cmd.discard()
+        if self._real:  # started now, fed once every family's program runs
+            return StartedCommand(self._restore_argv(self.tools(family)))
+        return None
 
     def close(self) -> None:
         """End the programs started ahead of need (they exit without changing anything)."""

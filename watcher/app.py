@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rules.backends import make_backend
 from rules.errors import ForeignChain, RulesError
 from rules.firewall import Firewall
 from rules.model import ChainSpec
@@ -41,9 +40,8 @@ def build_firewall(cfg: Config, log: Any = None, *, prestart: bool = False) -> F
     ``prestart``: the daemon's choice, an iptables-restore kept started ahead of each change.
     Its families are not detected yet: call ``detect_families()``.
     """
-    backend = make_backend(cfg.firewall.backend, lock_wait_s=cfg.firewall.lock_wait_s,
-                           prestart=prestart)
-    return Firewall(backend, chain_spec(cfg), ipv6=cfg.firewall.ipv6, log=log)
+    return Firewall.open(cfg.firewall.backend, chain_spec(cfg), ipv6=cfg.firewall.ipv6, log=log,
+                         lock_wait_s=cfg.firewall.lock_wait_s, prestart=prestart)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Any
 from rules.errors import BackendUnavailable, ForeignChain, LockContention, RulesError
 from rules.firewall import Firewall
 from rules.model import Mode
-from rules.render import foreign_conflict
+from rules.plan import foreign_conflict
 from watcher import __version__
 from watcher.app import build_firewall
 from watcher.cli.duration import DurationError, format_duration, parse_duration
