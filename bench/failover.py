@@ -469,25 +469,15 @@ def _timed_agent(argv: Sequence[str]) -> int:
                 print(json.dumps({"bench.timing": asdict(cur)}), file=sys.stderr, flush=True)
         return rep
 
-    def timed_apply(orig: Callable[..., None]) -> Callable[..., None]:
-        def apply(self: Any, plan: Any, **kw: Any) -> None:
+    def timed_commit(orig: Callable[..., None]) -> Callable[..., None]:
+        def commit(self: Any, plans: Any, wait_s: float) -> None:
             t = time.monotonic_ns()
-            orig(self, plan, **kw)
-            cur.commits.append((t, time.monotonic_ns(), str(plan.family)))
-        return apply
+            orig(self, plans, wait_s)
+            cur.commits.extend((t, time.monotonic_ns(), str(p.family)) for p in plans)
+        return commit
 
     for backend in (RestoreBackend, IptcBackend, NftBackend):
-        backend.apply = timed_apply(backend.apply)  # type: ignore[method-assign]  # bench hook
-    orig_many = NftBackend.apply_many
-
-    def apply_many(self: Any, plans: Any) -> bool:
-        t = time.monotonic_ns()
-        done = orig_many(self, plans)
-        if done:
-            cur.commits.extend((t, time.monotonic_ns(), str(p.family)) for p in plans)
-        return done
-
-    NftBackend.apply_many = apply_many  # type: ignore[method-assign]  # bench hook
+        backend.commit = timed_commit(backend.commit)  # type: ignore[method-assign]  # bench hook
     daemon.Daemon._round = round_  # type: ignore[method-assign]  # bench hook
     Prober.probe = probe  # type: ignore[method-assign]  # bench hook
     Firewall.ensure = ensure  # type: ignore[method-assign]  # bench hook

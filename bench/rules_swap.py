@@ -17,16 +17,14 @@ Variants (each alternates BLOCK and OPEN; one sample is one swap):
 - ``Firewall restore, daemon``: the hot path as the daemon runs it, with an iptables-restore
   started ahead of each transaction (``RestoreBackend(prestart=True)``);
 - ``Firewall iptc`` (and ``, hot``): the same with the iptc backend (legacy only);
-- ``iptc apply only``: ``IptcBackend.apply()`` of a precomputed plan, no read, no read-back;
+- ``iptc apply only``: ``IptcBackend.commit()`` of a precomputed plan, no read, no read-back;
 - ``(what-if) apply+iptc``: the restore backend writing, libiptc reading back (legacy);
 - ``bare netlink batch``: the batch the nft backend sends for that swap, on a socket kept
   open, no read and no read-back: the kernel's own commit (nf_tables);
 - ``Firewall nft`` (``, hot``): the same Firewall paths with the nft backend (the daemon's
   path is ``, hot``); ``, v4+v6`` rows swap both families as the daemon does with IPv6 on
-  (restore: one iptables-restore per family, side by side; nft: both families in one netlink
-  batch, ``apply_many``, then the read-backs side by side);
-- ``nft, v4+v6, threads``: the nft backend without ``apply_many``, each family committed from
-  its own thread then read back, as for restore (for comparison);
+  (restore: one iptables-restore per family, both started before either is fed; nft: both
+  families in one netlink batch), then the read-backs;
 - ``(ref) ...``: an iptables-save alone, starting ``true``, ``iptables-restore -V`` (starting
   the program and loading its libraries, no netlink), and the netlink batch on a fresh socket
   closed after it (the kernel waits for the commit's deferred release when a netfilter netlink
@@ -58,8 +56,9 @@ from rules.base import Backend
 from rules.firewall import Firewall
 from rules.iptc_backend import IptcBackend
 from rules.model import ChainSpec, Family, Mode
-from rules.nft_backend import NETLINK_NETFILTER, NftBackend, batch
-from rules.render import Plan, TableState, desired_state, plan_apply, render_restore
+from rules.nft_backend import NftBackend, acks, batch
+from rules.plan import Plan, TableState, desired_state, parse_save, plan_apply
+from rules.render import render_restore
 from rules.restore import RestoreBackend
 
 __all__ = ["Stats", "main", "stats"]
@@ -67,6 +66,7 @@ __all__ = ["Stats", "main", "stats"]
 SPEC = ChainSpec()
 WARMUP = 10
 REGIMES = ("back-to-back", "settled")
+NETLINK_NETFILTER = 12
 
 
 class _Regime:
@@ -117,29 +117,22 @@ def stats(samples: Sequence[int]) -> Stats:
 
 @dataclass
 class TimedBackend:
-    """A Backend wrapper that records how long each read() and apply() took, to split a swap."""
+    """A Backend wrapper that records how long each read() and commit() took, to split a swap."""
 
     inner: Backend
     reads: list[int] = field(default_factory=list)
     applies: list[int] = field(default_factory=list)
-    applied_at: int = 0  # perf_counter_ns when the last apply() returned
+    applied_at: int = 0  # perf_counter_ns when the last commit() returned
     name: str = field(init=False)
-    parallel_safe: bool = field(init=False)
     lock_wait_s: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.name = self.inner.name
-        self.parallel_safe = self.inner.parallel_safe
         self.lock_wait_s = self.inner.lock_wait_s
-
 
     def flavour(self, family: Family) -> str:
         """The wrapped backend's flavour."""
         return self.inner.flavour(family)
-
-    def plans_from_fresh_read(self, family: Family) -> bool:
-        """The wrapped backend's answer."""
-        return self.inner.plans_from_fresh_read(family)
 
     def read(self, family: Family, chain: str) -> TableState:
         """The wrapped read, timed."""
@@ -149,34 +142,19 @@ class TimedBackend:
         finally:
             self.reads.append(time.perf_counter_ns() - t)
 
-    def apply(self, plan: Plan, *, wait_s: float) -> None:
-        """The wrapped apply, timed."""
+    def commit(self, plans: Sequence[Plan], wait_s: float) -> None:
+        """The wrapped commit, timed (one entry per commit)."""
         t = time.perf_counter_ns()
         try:
-            self.inner.apply(plan, wait_s=wait_s)
+            self.inner.commit(plans, wait_s)
         finally:
             done = time.perf_counter_ns()
-            self.applied_at = max(self.applied_at, done)  # the last family's commit
-            self.applies.append(done - t)
-
-    def apply_many(self, plans: Sequence[Plan]) -> bool:
-        """The wrapped apply_many, timed (one entry per plan), where the backend has one."""
-        many = getattr(self.inner, "apply_many", None)
-        if many is None:
-            return False
-        t = time.perf_counter_ns()
-        done_all = bool(many(plans))
-        done = time.perf_counter_ns()
-        if done_all:
             self.applied_at = max(self.applied_at, done)
-            self.applies.extend([done - t] * len(plans))
-        return done_all
+            self.applies.append(done - t)
 
     def close(self) -> None:
         """Close the wrapped backend."""
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
+        self.inner.close()
 
 
 @dataclass(frozen=True)
@@ -242,9 +220,9 @@ def bare_netlink(rounds: int, *, fresh_socket: bool = False) -> Result:
         seq += len(acked) + 2
         sock.send(data)
         for _ in acked:
-            reply = sock.recv(65536)
-            if int.from_bytes(reply[16:20], "little", signed=True):
-                raise SystemExit(f"netlink batch refused: {reply[16:20].hex()}")
+            for _, code in acks(sock.recv(65536)):
+                if code:
+                    raise SystemExit(f"netlink batch refused: errno {code}")
         if fresh_socket:
             sock.close()
 
@@ -260,7 +238,9 @@ def bare_restore(rounds: int) -> Result:
     backend = RestoreBackend()
     tools = backend.tools(Family.V4)
     legacy = tools.flavour == "legacy"
-    texts = {m: render_restore(p, keep_policy_counters=legacy) for m, p in _plans(backend).items()}
+    policies = parse_save(subprocess.run([tools.save, "-t", "filter"], capture_output=True, text=True,
+                                         check=True).stdout, SPEC.name).policies if legacy else ()
+    texts = {m: render_restore(p, policies=policies) for m, p in _plans(backend).items()}
     argv = [tools.restore, "--noflush", "--wait", "5", *(["--counters"] if legacy else [])]
     env = {"PATH": os.environ["PATH"], "LC_ALL": "C"}
     if "XTABLES_LOCKFILE" in os.environ:
@@ -293,7 +273,7 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: boo
     effect when the last family's commit returned.
     """
     timed = TimedBackend(backend)
-    fw = Firewall(timed, SPEC, ipv6=ipv6)
+    fw = Firewall(timed, SPEC, ipv6=ipv6)  # no fallback: a fallback would end the run
     fw.detect_families()
     fw.ensure(Mode.OPEN)
     nfam = len(fw.families)
@@ -312,12 +292,11 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: boo
 
     samples = _swaps(rounds, one, reset)
     fw.close()
-    if getattr(backend, "fallen_back", None):
-        raise SystemExit(f"{label}: the nft backend fell back: {backend.fallen_back}")  # type: ignore[attr-defined]
-    # legacy iptables-restore re-declares built-in policies and counters: always a fresh read
-    reads = (2 if fresh or backend.plans_from_fresh_read(Family.V4) else 1) * nfam
-    if len(timed.applies) != rounds * nfam or len(timed.reads) != reads * rounds:
-        raise SystemExit(f"expected {nfam} applies and {reads} reads per swap, got "
+    if fw.fallen_back:
+        raise SystemExit(f"{label}: the engine fell back: {fw.fallen_back}")
+    reads = (2 if fresh else 1) * nfam
+    if len(timed.applies) != rounds or len(timed.reads) != reads * rounds:
+        raise SystemExit(f"expected 1 commit and {reads} reads per swap, got "
                          f"{len(timed.applies)} and {len(timed.reads)} in {rounds} swaps")
     in_effect = f"rule in effect after ->block {_med(effect[0::2])} / ->open {_med(effect[1::2])}"
     if nfam > 1:  # reads and applies of the families interleave: only the totals are split
@@ -329,14 +308,6 @@ def firewall_swaps(backend: Backend, rounds: int, label: str = "", *, fresh: boo
     back = timed.reads[1::2] if fresh else timed.reads
     split = f"{pre}apply {med(timed.applies)} + read-back {med(back)}; {in_effect}"
     return Result(label or f"Firewall {backend.name}", backend.flavour(Family.V4), stats(samples), split)
-
-
-class _NoBatch(NftBackend):
-    """The nft backend as an engine without apply_many sees it: one family per thread."""
-
-    def apply_many(self, plans: Sequence[Plan]) -> bool:
-        """Never batches."""
-        return False
 
 
 def _med(xs: Sequence[int]) -> str:
@@ -353,7 +324,7 @@ def apply_and_read_back(backend: Backend, reader: Backend, rounds: int, label: s
     want = {m: desired_state(SPEC, Family.V4, m) for m in plans}
 
     def one(mode: Mode) -> None:
-        backend.apply(plans[mode], wait_s=5.0)
+        backend.commit((plans[mode],), 5.0)
         got = reader.read(Family.V4, SPEC.name)
         if (got.rules, got.jumps) != (want[mode].rules, want[mode].jumps):
             raise SystemExit(f"{label}: read-back mismatch after {mode}: {got}")
@@ -362,10 +333,10 @@ def apply_and_read_back(backend: Backend, reader: Backend, rounds: int, label: s
 
 
 def iptc_apply_only(rounds: int) -> Result:
-    """IptcBackend.apply() of precomputed plans: one libiptc commit, no read, no read-back."""
+    """IptcBackend.commit() of precomputed plans: one libiptc commit, no read, no read-back."""
     backend = IptcBackend()
     plans = _plans(backend)
-    samples = _swaps(rounds, lambda m: backend.apply(plans[m], wait_s=5.0))
+    samples = _swaps(rounds, lambda m: backend.commit((plans[m],), 5.0))
     return Result("iptc apply only", "legacy", stats(samples))
 
 
@@ -383,7 +354,6 @@ def _nft_rows(rounds: int, true: str) -> list[Result]:
         firewall_swaps(NftBackend(), rounds),
         firewall_swaps(NftBackend(), rounds, "Firewall nft, hot", fresh=False),
         firewall_swaps(NftBackend(), rounds, "nft, hot, v4+v6", fresh=False, ipv6=True),
-        firewall_swaps(_NoBatch(), rounds, "nft, v4+v6, threads", fresh=False, ipv6=True),
         reference("(ref) iptables-save", ["iptables-save", "-t", "filter"], "nf_tables", rounds),
         reference("(ref) spawn true", [true], "nf_tables", rounds),
         reference("(ref) iptables-restore -V", ["iptables-restore", "-V"], "nf_tables", rounds),
@@ -471,8 +441,8 @@ def _versions() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.machine())
     return (f"{model} ({platform.machine()}): kernel {platform.release()}, {ipt}, python "
-            f"{platform.python_version()}, python-iptables {pyiptc}, pyroute2 {pyr} (unused by "
-            f"the nft backend), {os.cpu_count()} CPUs, load average {load}")
+            f"{platform.python_version()}, python-iptables {pyiptc}, pyroute2 {pyr}, "
+            f"{os.cpu_count()} CPUs, load average {load}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
