@@ -25,12 +25,12 @@ def _no_firewall_reachable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     empty = tmp_path / "empty-path"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    import rules.backends
+    import rules.firewall
 
     def refuse(*_a: object, **_k: object) -> object:
         raise AssertionError("a unit test reached the firewall backend")
 
-    monkeypatch.setattr(rules.backends, "IptcBackend", refuse)
+    monkeypatch.setattr(rules.firewall, "IptcBackend", refuse)
 
 
 def _write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:

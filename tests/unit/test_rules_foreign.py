@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from rules.errors import ForeignChain, RulesError
 from rules.model import REJECT_CHOICES, ChainSpec, Family, Mode
-from rules.render import desired_state, foreign_conflict, is_own_rule, parse_save
+from rules.plan import desired_state, foreign_conflict, is_own_rule, parse_save
 
 CHAIN = "sslvpn-heartbeat-chain"
 

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rules.model import Family, RejectRule
-from rules.nft_backend import acks, batch, rule_compat, rule_expressions
-from rules.render import Plan
+from rules.nft_backend import acks, batch, rule_message
+from rules.plan import Plan
 
 CHAIN = "sslvpn-heartbeat-chain"
 ports = st.integers(1, 65535)
@@ -36,9 +36,15 @@ def _attrs(data: bytes) -> Iterator[tuple[int, bytes]]:
     assert off == len(data)
 
 
+def _rule_attrs(rule: RejectRule, family: Family) -> dict[int, bytes]:
+    """The NEWRULE's attributes by type: a 16-byte header, 4 of nfgenmsg, then the attributes."""
+    msg = rule_message(rule, family, CHAIN)
+    assert struct.unpack_from("=I", msg)[0] == len(msg)
+    return dict(_attrs(msg[20:]))
+
+
 def _exprs(rule: RejectRule, family: Family) -> list[tuple[str, dict[int, bytes]]]:
-    [(kind, body)] = list(_attrs(rule_expressions(rule, family)))
-    assert kind == 4  # NFTA_RULE_EXPRESSIONS
+    body = _rule_attrs(rule, family)[4]  # NFTA_RULE_EXPRESSIONS
     out = []
     for elem_kind, elem in _attrs(body):
         assert elem_kind == 1  # NFTA_LIST_ELEM
@@ -76,7 +82,35 @@ def test_iifname_is_lo_with_its_nul_and_protocol_is_tcp() -> None:
     assert exprs[0][1] == {2: struct.pack("!I", 6), 1: struct.pack("!I", 1)}  # meta iifname
     assert exprs[1][1][2] == struct.pack("!I", 1)  # NFT_CMP_NEQ
     assert dict(_attrs(exprs[1][1][3]))[1] == b"lo\0"
-    assert dict(_attrs(rule_compat()[4:])) == {1: struct.pack("!I", 6), 2: bytes(4)}
+    assert dict(_attrs(_rule_attrs(RejectRule(8080, "tcp-reset"), Family.V4)[5])) == {
+        1: struct.pack("!I", 6), 2: bytes(4)}
+
+
+@given(rules, families)
+def test_every_nest_carries_nla_f_nested_and_every_list_element_is_type_1(
+        rule: RejectRule, family: Family) -> None:
+    """As libnftnl writes them: NLA_F_NESTED on each nest (expressions, their elements, their data,
+    cmp/bitwise values, compat), and every element of the list numbered NFTA_LIST_ELEM (1)."""
+    msg = rule_message(rule, family, CHAIN)
+    raw = {kind: (flags, body) for flags, kind, body in _raw_attrs(msg[20:])}
+    assert raw[4][0] & 0x8000 and raw[5][0] & 0x8000 and not raw[1][0] & 0x8000
+    for flags, kind, elem in _raw_attrs(raw[4][1]):
+        assert (flags & 0x8000, kind) == (0x8000, 1)
+        inner = {k: (f, b) for f, k, b in _raw_attrs(elem)}
+        assert inner[2][0] & 0x8000
+        name = inner[1][1].rstrip(b"\0")
+        values = {b"cmp": (3,), b"bitwise": (4, 5)}.get(name, ())
+        if values:
+            nests = [f for f, k, _ in _raw_attrs(inner[2][1]) if k in values]
+            assert nests and all(f & 0x8000 for f in nests)
+
+
+def _raw_attrs(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    off = 0
+    while off < len(data):
+        length, kind = struct.unpack_from("=HH", data, off)
+        yield kind & 0xC000, kind & 0x3FFF, data[off + 4:off + length]
+        off += length + (-length % 4)
 
 
 @given(st.lists(rules, max_size=3), families, st.integers(0, 2**30))
@@ -112,9 +146,9 @@ def _error(seq: int, code: int) -> bytes:
 
 
 def test_acks_reads_acknowledgements_and_errors_and_skips_the_rest() -> None:
-    """Each NLMSG_ERROR gives (seq, code); other messages and a truncated tail are skipped."""
+    """Each NLMSG_ERROR gives (seq, errno); other messages and a truncated tail are skipped."""
     other = struct.pack("=IHHII", 20, 3, 0, 9, 0) + bytes(4)
-    assert acks(_error(5, 0) + other + _error(6, -2) + b"\1\2\3") == [(5, 0), (6, -2)]
+    assert acks(_error(5, 0) + other + _error(6, -2) + b"\1\2\3") == [(5, 0), (6, 2)]
 
 
 @given(st.binary(max_size=200))

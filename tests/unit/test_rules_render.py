@@ -1,4 +1,4 @@
-"""Unit tests of rules.model and rules.render: pure values, no kernel."""
+"""Unit tests of rules.model, rules.plan and rules.render: pure values, no kernel."""
 
 from __future__ import annotations
 
@@ -10,14 +10,8 @@ from hypothesis import strategies as st
 
 from rules.errors import RulesError
 from rules.model import MAX_CHAIN_NAME, ChainSpec, Family, Mode, RuleError, chain_rules, validate_chain_name
-from rules.render import (
-    TableState,
-    desired_state,
-    parse_save,
-    plan_apply,
-    plan_remove,
-    render_restore,
-)
+from rules.plan import TableState, desired_state, parse_save, plan_apply, plan_remove
+from rules.render import render_restore
 
 SPEC = ChainSpec()
 
