@@ -26,7 +26,7 @@ SWAPPER = """
 import sys
 from rules.firewall import Firewall
 from rules.model import ChainSpec, Mode
-from rules.backends import make_backend
+from rules.firewall import make_backend
 fw = Firewall(make_backend(sys.argv[1]), ChainSpec(), ipv6=False)
 fw.detect_families()
 fw.ensure(Mode.BLOCK)
