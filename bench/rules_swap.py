@@ -216,13 +216,12 @@ def bare_netlink(rounds: int, *, fresh_socket: bool = False) -> Result:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                  NETLINK_NETFILTER)
             sock.bind((0, 0))
-        data, acked = batch((plans[mode],), seq)
-        seq += len(acked) + 2
+        data, last = batch((plans[mode],), seq)
+        seq = last + 2
         sock.send(data)
-        for _ in acked:
-            for _, code in acks(sock.recv(65536)):
-                if code:
-                    raise SystemExit(f"netlink batch refused: errno {code}")
+        for _, code in acks(sock.recv(65536)):  # the one acknowledgement, or an error first
+            if code:
+                raise SystemExit(f"netlink batch refused: errno {code}")
         if fresh_socket:
             sock.close()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import struct
 import time
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ from pyroute2.netlink import (
     nla,
     nlmsgerr,
 )
+from pyroute2.netlink.exceptions import NetlinkDecodeError
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
 from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_DELRULE, NFT_MSG_NEWRULE, NFTSocket
 
@@ -70,6 +72,7 @@ _REJECT_WITH = {
 }
 _TCP_FLAGS_MASK, _TCP_FLAG_SYN = 0x17, 0x02  # FIN|SYN|RST|ACK, SYN
 _TABLE = "filter"
+_NLMSGERR_SIZE = 20  # struct nlmsghdr and the error code
 _N = NLA_F_NESTED
 
 # pyroute2's classes are untyped (Any): subclassing them is what its API asks for.
@@ -205,14 +208,16 @@ def _rule_msg(family: Family, chain: str) -> Any:
     return msg
 
 
-def rule_message(rule: RejectRule, family: Family, chain: str, seq: int = 0) -> bytes:
+def rule_message(rule: RejectRule, family: Family, chain: str, seq: int = 0, *,
+                 ack: bool = True) -> bytes:
     """The NFT_MSG_NEWRULE that appends ``rule`` to ``chain``, as iptables-nft-restore sends it:
-    its NFTA_RULE_EXPRESSIONS and NFTA_RULE_COMPAT (protocol tcp, not inverted) byte for byte."""
+    its NFTA_RULE_EXPRESSIONS and NFTA_RULE_COMPAT (protocol tcp, not inverted) byte for byte;
+    ``ack``: it asks for an acknowledgement."""
     msg = _rule_msg(family, chain)
     msg["attrs"] += [("NFTA_RULE_EXPRESSIONS", _expressions(rule, family)),
                      ("NFTA_RULE_COMPAT", {"attrs": [("NFTA_RULE_COMPAT_PROTO", _IPPROTO_TCP),
                                                      ("NFTA_RULE_COMPAT_FLAGS", 0)]})]
-    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK
+    flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | (NLM_F_ACK if ack else 0)
     return _encode(msg, (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE, flags, seq)
 
 
@@ -222,40 +227,44 @@ def _batch_edge(kind: int, seq: int) -> bytes:
     return _encode(msg, kind, NLM_F_REQUEST, seq)
 
 
-def batch(plans: Sequence[Plan], first_seq: int = 1) -> tuple[bytes, tuple[int, ...]]:
+def batch(plans: Sequence[Plan], first_seq: int = 1) -> tuple[bytes, int]:
     """The batch that flushes each plan's chain and appends its rules, all in one transaction
     (plans of several families share it: each message names its family).
 
-    Returns the bytes and the sequence numbers of the messages that ask for an acknowledgement
-    (all but the batch's begin and end, which the kernel never acknowledges).
+    Returns the bytes and the sequence number of the one message that asks for an
+    acknowledgement: the last before the batch's end. The kernel processes a whole batch before
+    it answers, reports every message that failed (in order), then that acknowledgement; so
+    its arrival means every answer is in, and one answer is read instead of one per message.
     """
     seq = first_seq
     parts = [_batch_edge(_NFNL_MSG_BATCH_BEGIN, seq)]
-    acked = []
+    last = sum(1 + len(p.rules or ()) for p in plans) + first_seq
     for plan in plans:
         if plan.rules is None:
             raise ValueError("a chain deletion is not a content swap")
         seq += 1
         parts.append(_encode(_rule_msg(plan.family, plan.chain),
                              (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE,
-                             NLM_F_REQUEST | NLM_F_ACK, seq))
-        acked.append(seq)
+                             NLM_F_REQUEST | (NLM_F_ACK if seq == last else 0), seq))
         for rule in plan.rules:
             seq += 1
-            parts.append(rule_message(rule, plan.family, plan.chain, seq))
-            acked.append(seq)
+            parts.append(rule_message(rule, plan.family, plan.chain, seq, ack=seq == last))
     parts.append(_batch_edge(_NFNL_MSG_BATCH_END, seq + 1))
-    return b"".join(parts), tuple(acked)
+    return b"".join(parts), last
 
 
 def acks(data: bytes) -> list[tuple[int, int]]:
     """(sequence number, errno) of each NLMSG_ERROR in a datagram (0: an acknowledgement),
-    decoded by pyroute2's ``nlmsgerr``; other messages are skipped."""
+    decoded by pyroute2's ``nlmsgerr``; other messages are skipped, and so is a tail that does
+    not decode (the answers before it are kept)."""
     out = []
     offset = 0
-    while offset < len(data):
+    while offset + _NLMSGERR_SIZE <= len(data):
         msg = nlmsgerr(data, offset=offset)
-        msg.decode()
+        try:
+            msg.decode()
+        except (NetlinkDecodeError, struct.error, ValueError, IndexError, KeyError, TypeError):
+            break
         length = msg["header"]["length"]
         if msg["header"]["type"] == NLMSG_ERROR:
             out.append((msg["header"]["sequence_number"], abs(msg["error"])))
@@ -273,13 +282,13 @@ class _Channel:
 
     Encoding a rule with pyroute2 takes about a millisecond, so each distinct batch is encoded
     once and kept (there are a handful: one per mode and set of families); its sequence numbers
-    are fixed, which is safe because every commit waits for all its answers, and a socket that
-    may still hold answers of an earlier batch (an error, a timeout) is replaced.
+    are fixed, which is safe because every commit reads its answers up to the last, and a
+    socket that may still hold answers of an earlier batch (an error, a timeout) is replaced.
     """
 
     def __init__(self) -> None:
         self._batches: dict[tuple[tuple[Family, str, tuple[RejectRule, ...] | None], ...],
-                            tuple[bytes, frozenset[int]]] = {}
+                            tuple[bytes, int]] = {}
         self.sock = self._open()
 
     @staticmethod
@@ -296,32 +305,35 @@ class _Channel:
         self.sock = self._open()
 
     def commit(self, plans: Sequence[Plan], timeout: float) -> None:
-        """Send the plans' batch and wait for every acknowledgement; any error aborts it all."""
+        """Send the plans' batch and read the answers up to its acknowledgement; any error
+        (the kernel then aborted the whole batch) raises BatchRefused."""
         key = tuple((p.family, p.chain, p.rules) for p in plans)
         if key not in self._batches:
-            data, acked = batch(plans)
-            self._batches[key] = (data, frozenset(acked))
-        data, want = self._batches[key]
+            self._batches[key] = batch(plans)
+        data, last = self._batches[key]
         try:
             self.sock.sendto(data, (0, 0))
         except OSError as exc:
             raise BatchRefused(f"nf_tables batch not sent: {exc.strerror}") from None
-        waiting = set(want)
         errors: list[str] = []
         deadline = time.monotonic() + timeout
-        fd = self.sock.fileno()
-        while waiting and not errors:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self._reopen()
-                raise BatchRefused(f"nf_tables batch: no answer from the kernel within {timeout:g}s")
-            for seq, code in acks(self.sock.recv(65536)):
-                if seq in waiting:
-                    waiting.discard(seq)
-                    if code:
-                        errors.append(f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})")
+        done = False
+        while not done:
+            try:  # the kernel answered within sendto: the answers are normally there already
+                datagram = self.sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.sock.fileno()], [], [], left)[0]:
+                    self._reopen()
+                    raise BatchRefused(
+                        f"nf_tables batch: no answer from the kernel within {timeout:g}s") from None
+                continue
+            for seq, code in acks(datagram):
+                if code:
+                    errors.append(f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})")
+                done = done or seq == last or (code != 0 and seq < last)
         if errors:
-            self._reopen()  # the other answers of the aborted batch are not read
+            self._reopen()  # the rest of the aborted batch's answers are not read
             chains = ", ".join(sorted({f"{p.family} {p.chain}" for p in plans}))
             raise BatchRefused(f"nf_tables refused the batch for {chains}: " + "; ".join(errors))
 
