@@ -3,16 +3,19 @@
 Only what the two sources need: open a non-blocking netlink socket (with a socket filter
 when asked), split a datagram into
 netlink messages (a pure function that raises :class:`NetlinkDecodeError` on malformed input,
-never anything else), and grow the receive buffer after an overrun.
+never anything else), grow the receive buffer after an overrun, and the one receive loop both
+sources run when their socket is readable (``read_ready``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from watcher.sources._sockfilter import attach_filter
 
@@ -26,7 +29,10 @@ __all__ = [
     "iter_messages",
     "open_netlink",
     "pack_message",
+    "read_ready",
 ]
+
+T = TypeVar("T")
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -114,3 +120,39 @@ def grow_rcvbuf(sock: socket.socket) -> int:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
     return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+def read_ready(sock: socket.socket, decode: Callable[[bytes], Sequence[T]],
+               handle: Callable[[T, int], None], *, clock: Callable[[], int],
+               alive: Callable[[], bool], overrun: Callable[[int], None],
+               bad: Callable[[NetlinkDecodeError, int], None],
+               failed: Callable[[OSError], None]) -> int:
+    """Read every datagram queued on the non-blocking ``sock`` while ``alive()``; return how many.
+
+    Each datagram is decoded and each item handed to ``handle`` with the ``clock()`` of its
+    read. ENOBUFS (datagrams were dropped) grows the receive buffer and calls ``overrun`` with
+    its new size, then reading goes on; a datagram that does not decode goes to ``bad`` (the
+    error and its size) and is skipped; any other error goes to ``failed`` and ends the reading.
+    """
+    read = 0
+    while alive():
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return read
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                overrun(grow_rcvbuf(sock))
+                continue
+            failed(exc)
+            return read
+        read += 1
+        now = clock()
+        try:
+            items = decode(data)
+        except NetlinkDecodeError as exc:
+            bad(exc, len(data))
+            continue
+        for item in items:
+            handle(item, now)
+    return read

@@ -38,10 +38,10 @@ from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.sources._netlink import (
     NLMSG_DONE,
     NetlinkDecodeError,
-    grow_rcvbuf,
     iter_messages,
     open_netlink,
     pack_message,
+    read_ready,
 )
 
 __all__ = [
@@ -251,31 +251,22 @@ class ProcConnectorSource:
 
     def _on_readable(self) -> None:
         sock = self._sock
-        while sock is not None and self._sock is sock:
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    self._overrun(sock)
-                    continue
-                self._log.error(Event.PROC_CONNECTOR_ERROR, reason=os.strerror(exc.errno or 0))
-                self.close()
-                return
-            now = self._clock()
-            try:
-                events = decode_proc_events(data)
-            except NetlinkDecodeError as exc:
-                self._log.warning(Event.PROC_CONNECTOR_BAD_MESSAGE, reason=str(exc), size=len(data))
-                continue
-            for event in events:
-                self._handle(event, now)
+        if sock is None:
+            return
+        read_ready(sock, decode_proc_events, self._handle, clock=self._clock,
+                   alive=lambda: self._sock is sock, overrun=self._overrun, bad=self._bad,
+                   failed=self._failed)
 
-    def _overrun(self, sock: socket.socket) -> None:
-        size = grow_rcvbuf(sock)
-        self._log.warning(Event.PROC_CONNECTOR_OVERRUN, rcvbuf=size)
+    def _overrun(self, rcvbuf: int) -> None:
+        self._log.warning(Event.PROC_CONNECTOR_OVERRUN, rcvbuf=rcvbuf)
         self._emit(Trigger(Source.PROC_CONNECTOR, "overrun", self._clock(), Evidence.HINT))
+
+    def _bad(self, exc: NetlinkDecodeError, size: int) -> None:
+        self._log.warning(Event.PROC_CONNECTOR_BAD_MESSAGE, reason=str(exc), size=size)
+
+    def _failed(self, exc: OSError) -> None:
+        self._log.error(Event.PROC_CONNECTOR_ERROR, reason=os.strerror(exc.errno or 0))
+        self.close()
 
     def _handle(self, event: ProcEvent, now: int) -> None:
         if self._on_event is not None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import socket
 import struct
@@ -42,7 +41,7 @@ from pyroute2.netlink.diag import SS_LISTEN
 
 from watcher.core.catalogue import Event
 from watcher.core.triggers import Evidence, Source, Trigger
-from watcher.sources._netlink import NetlinkDecodeError, grow_rcvbuf, iter_messages, open_netlink
+from watcher.sources._netlink import NetlinkDecodeError, iter_messages, open_netlink, read_ready
 from watcher.sources._sockfilter import listener_filter
 
 __all__ = [
@@ -212,35 +211,30 @@ class ListenerWatch:
     def _on_readable(self) -> None:
         sock = self._sock
         self.wakeups += 1
-        while sock is not None and self._sock is sock:
-            try:
-                data = sock.recv(65536)
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    # Destroys were dropped: one of them may have been ours. Without the kernel
-                    # filter every TCP socket of the namespace is reported here, so a busy server
-                    # can fill the buffer; with it only sockets bound to the port with no peer.
-                    size = grow_rcvbuf(sock)
-                    self._log.warning(Event.SOCK_DIAG_OVERRUN, rcvbuf=size)
-                    self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT))
-                    continue
-                self._log.error(Event.SOCK_DIAG_ERROR, reason=os.strerror(exc.errno or 0))
-                self.close()
-                return
-            self.datagrams += 1
-            now = self._clock()
-            try:
-                events = decode_sock_diag(data)
-            except NetlinkDecodeError as exc:
-                self._log.warning(Event.SOCK_DIAG_BAD_MESSAGE, reason=str(exc), size=len(data))
-                continue
-            for event in events:
-                if event.is_listener_on(self.port):
-                    self._emit(Trigger(
-                        Source.SOCK_DIAG, f"listener destroyed {event.src} port {self.port}",
-                        now, Evidence.DEATH))
+        if sock is None:
+            return
+        self.datagrams += read_ready(sock, decode_sock_diag, self._destroyed, clock=self._clock,
+                                     alive=lambda: self._sock is sock, overrun=self._overrun,
+                                     bad=self._bad, failed=self._failed)
+
+    def _destroyed(self, event: SockEvent, now: int) -> None:
+        if event.is_listener_on(self.port):
+            self._emit(Trigger(Source.SOCK_DIAG, f"listener destroyed {event.src} port {self.port}",
+                               now, Evidence.DEATH))
+
+    def _overrun(self, rcvbuf: int) -> None:
+        # Destroys were dropped: one of them may have been ours. Without the kernel filter
+        # every TCP socket of the namespace is reported here, so a busy server can fill the
+        # buffer; with it only sockets bound to the port with no peer.
+        self._log.warning(Event.SOCK_DIAG_OVERRUN, rcvbuf=rcvbuf)
+        self._emit(Trigger(Source.SOCK_DIAG, "overrun", self._clock(), Evidence.HINT))
+
+    def _bad(self, exc: NetlinkDecodeError, size: int) -> None:
+        self._log.warning(Event.SOCK_DIAG_BAD_MESSAGE, reason=str(exc), size=size)
+
+    def _failed(self, exc: OSError) -> None:
+        self._log.error(Event.SOCK_DIAG_ERROR, reason=os.strerror(exc.errno or 0))
+        self.close()
 
 
 TCP_ESTABLISHED = 1
