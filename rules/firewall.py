@@ -218,7 +218,6 @@ class Firewall:
         old.close()
         self.fallen_back = reason
         self._log.warning("firewall-backend-fallback", family=str(family), reason=reason,
-                          backend=self.backend.name,
                           message=f"backend {old.name} given up for good: {self.backend.name} "
                                   "from now on")
         return True
