@@ -208,17 +208,15 @@ def bare_netlink(rounds: int, *, fresh_socket: bool = False) -> Result:
     plans = _plans(backend)
     backend.close()
     sock: socket.socket | None = None
-    seq = 1
+    batches = {m: batch((p,))[0] for m, p in plans.items()}  # encoded once, as the backend does
 
     def one(mode: Mode) -> None:
-        nonlocal sock, seq
+        nonlocal sock
         if sock is None or fresh_socket:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                  NETLINK_NETFILTER)
             sock.bind((0, 0))
-        data, last = batch((plans[mode],), seq)
-        seq = last + 2
-        sock.send(data)
+        sock.send(batches[mode])
         for _, code in acks(sock.recv(65536)):  # the one acknowledgement, or an error first
             if code:
                 raise SystemExit(f"netlink batch refused: errno {code}")

@@ -241,7 +241,7 @@ class Firewall:
             cached = set() if fresh else {f for f in fams if f in known}
             observed = {f: known[f] if f in cached else self.backend.read(f, self.spec.name)
                         for f in fams}
-        want = {f: desired_state(self.spec, f, mode) for f in fams}
+        want: dict[Family, TableState] = {}  # made after the first commit: it is not in the way
         changed: set[Family] = set()
         tx = 0
         committed: int | None = None
@@ -263,6 +263,7 @@ class Firewall:
                 raise
             committed = self._clock()
             tx += len(plans)
+            want = want or {f: desired_state(self.spec, f, mode) for f in fams}
             after = {p.family: self.backend.read(p.family, self.spec.name) for p in plans}
             changed.update(after)
             observed.update(after)
@@ -282,6 +283,7 @@ class Firewall:
                 cached = set()
                 continue
             break
+        want = want or {f: desired_state(self.spec, f, mode) for f in fams}
         f = next((f for f in fams if not holds(observed[f], want[f])), fams[0])
         st = observed[f]
         raise ReadBackMismatch(
