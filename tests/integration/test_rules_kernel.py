@@ -1,8 +1,9 @@
 """The chain engine and its CLI against real iptables in throwaway network namespaces.
 
-Every case runs for each (flavour, backend) pair the system offers: iptables-nft with restore,
-iptables-legacy with restore, iptables-legacy with iptc. The legacy flavour is selected with a
-PATH whose iptables* are the -legacy programs, as on a host whose alternatives point there.
+Every case runs for each (flavour, backend) pair the system offers: iptables-nft with restore
+and with nft (netlink swaps), iptables-legacy with restore and with iptc. The legacy flavour is
+selected with a PATH whose iptables* are the -legacy programs, as on a host whose alternatives
+point there.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class Host:
         return [ln.split() for ln in out.splitlines() if ln.strip()]
 
 
-COMBOS = [("nft", "restore"), ("legacy", "restore"), ("legacy", "iptc")]
+COMBOS = [("nft", "restore"), ("nft", "nft"), ("legacy", "restore"), ("legacy", "iptc")]
 
 
 @pytest.fixture(params=COMBOS, ids=[f"{f}-{b}" for f, b in COMBOS])
