@@ -146,7 +146,6 @@ class Firewall:
         self._kernel_has_ipv6 = kernel_has_ipv6
         self._want_v6 = ipv6
         self._fallback = fallback
-        self.fallen_back: str | None = None  # why the first backend was given up, once it was
         self.families: tuple[Family, ...] = ()  # set by detect_families()
         self._known: dict[Family, TableState] = {}
         self._owned = False  # check_ownership() passed once
@@ -216,7 +215,6 @@ class Firewall:
         make, self._fallback = self._fallback, None
         old, self.backend = self.backend, make()
         old.close()
-        self.fallen_back = reason
         self._log.warning("firewall-backend-fallback", family=str(family), reason=reason,
                           message=f"backend {old.name} given up for good: {self.backend.name} "
                                   "from now on")
