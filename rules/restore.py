@@ -59,8 +59,15 @@ class RestoreBackend:
         return res.stdout
 
     def read(self, family: Family, chain: str) -> TableState:
-        """Our chain's state from ``iptables-save -t filter`` (never from ``iptables -L``)."""
-        return parse_save(self._save(family), chain)
+        """Our chain's state from ``iptables-save -t filter`` (never from ``iptables -L``).
+
+        It changes nothing; with ``prestart``, once the save is read, it starts the family's
+        idle iptables-restore for the next commit if none waits (off the path from a decision
+        to the rule in effect: the engine reads back after its commit)."""
+        state = parse_save(self._save(family), chain)
+        if self._prestart and family not in self._ready:
+            self._ready[family] = StartedCommand(self._restore_argv(self.tools(family)))
+        return state
 
     def _restore_argv(self, t: Tools) -> list[str]:
         argv = [t.restore, "--noflush", "--wait", str(self._wait)]
@@ -99,9 +106,6 @@ class RestoreBackend:
                 self._check(res, f"{t.restore} --noflush")
             except TransactionFailed as exc:
                 failure = failure or exc
-        if self._prestart:
-            for plan in plans:  # ready for the next transaction, started now rather than then
-                self._ready[plan.family] = StartedCommand(self._restore_argv(self.tools(plan.family)))
         if failure is not None:
             raise failure
 
@@ -114,7 +118,7 @@ class RestoreBackend:
             cmd.discard()
         if self._real:  # started now, fed once every family's program runs
             return StartedCommand(self._restore_argv(self.tools(family)))
-        return None
+        return None  # a runner that is not the real one: run through it
 
     def close(self) -> None:
         """End the programs started ahead of need (they exit without changing anything)."""
