@@ -86,6 +86,11 @@ def test_params_from_config() -> None:
     assert p.attempt_ns == 3_000_000_000
 
 
+def test_params_defaults_are_the_configurations() -> None:
+    """Params() holds the configuration's defaults, read from watcher.config, not repeated."""
+    assert Params() == Params.from_config(Config())
+
+
 def test_params_reject_nonsense() -> None:
     """Zero rise or fall, a negative interval or an unknown on_exit is refused."""
     for bad in ({"rise": 0}, {"fall": 0}, {"rise_interval_ns": -1}, {"on_exit": "flush"}):

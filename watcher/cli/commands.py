@@ -23,7 +23,7 @@ from rules.render import foreign_conflict
 from watcher import __version__
 from watcher.app import build_firewall
 from watcher.cli.duration import DurationError, format_duration, parse_duration
-from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
+from watcher.config import DEFAULT_CONFIG_PATH, Config, LogFormat, load_config
 from watcher.core.catalogue import Event
 from watcher.errors import (
     EX_CONFIG,
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", parents=[common], help="run the event-driven daemon in the foreground")
-    r.add_argument("--log-format", choices=("json", "console"), default=None,
+    r.add_argument("--log-format", choices=tuple(LogFormat), default=None,
                    help="log format (default: the config's; console when stdout is a terminal)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check", parents=[common], help="probe the service once; exit 0 healthy, 1 not")

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rules.model import Mode
-from watcher.config import Config
+from watcher.config import Config, OnExit
 from watcher.core.catalogue import Event
 from watcher.core.triggers import Evidence, Trigger
+from watcher.errors import EX_OK, EX_TEMPFAIL
 
 __all__ = [
     "Action",
@@ -64,9 +65,8 @@ __all__ = [
     "step",
 ]
 
-EX_OK = 0
-EX_TEMPFAIL = 75
 _S = 1_000_000_000
+_DEFAULT = Config()  # the defaults are the configuration's, declared once in watcher.config
 
 
 class Health(enum.StrEnum):
@@ -81,11 +81,12 @@ class Health(enum.StrEnum):
 class Params:
     """Thresholds and bounds of the core, in nanoseconds where they are times."""
 
-    rise: int = 2
-    fall: int = 2
-    rise_interval_ns: int = 250_000_000
-    on_exit: str = "open"  # open | keep | remove
-    attempt_ns: int = 6 * _S  # bound on one firewall change (lock wait plus the commands)
+    rise: int = _DEFAULT.probe.rise
+    fall: int = _DEFAULT.probe.fall
+    rise_interval_ns: int = _DEFAULT.probe.rise_interval_ms * 1_000_000
+    on_exit: OnExit = _DEFAULT.firewall.on_exit
+    # bound on one firewall change (lock wait plus the commands)
+    attempt_ns: int = int((_DEFAULT.firewall.lock_wait_s + 1.0) * _S)
     stop_grace_ns: int = 8 * _S  # SIGTERM to exit, whatever the xtables lock does
     retry_min_ns: int = 100_000_000
     retry_max_ns: int = 5 * _S
@@ -93,8 +94,9 @@ class Params:
     def __post_init__(self) -> None:
         if self.rise < 1 or self.fall < 1 or self.rise_interval_ns < 0:
             raise ValueError(f"invalid health parameters: {self!r}")
-        if self.on_exit not in ("open", "keep", "remove"):
+        if self.on_exit not in tuple(OnExit):
             raise ValueError(f"invalid on_exit: {self.on_exit!r}")
+        object.__setattr__(self, "on_exit", OnExit(self.on_exit))  # a plain string becomes one
 
     @classmethod
     def from_config(cls, cfg: Config) -> Params:
@@ -505,12 +507,12 @@ def _stop_sequence(s: State, now: int, out: list[Action]) -> State:
     assert s.stop_at_ns is not None
     deadline = min(now + s.params.attempt_ns, s.stop_at_ns + s.params.stop_grace_ns)
     how = s.params.on_exit
-    if how == "keep":
+    if how is OnExit.KEEP:
         return _exit(s, EX_OK, out)
-    if how == "open" and s.admin is not None:
+    if how is OnExit.OPEN and s.admin is not None:
         out.append(Log("info", Event.FIREWALL_KEEP, {"reason": "admin block recorded: kept on exit"}))
         return _exit(s, EX_OK, out)
-    if how == "remove":
+    if how is OnExit.REMOVE:
         out.append(RemoveChain(deadline))
         return replace(s, in_flight=_Change(None, None, "on_exit", None, final=True))
     out.append(SetFirewall(Mode.OPEN, fresh=True, deadline_ns=deadline))
