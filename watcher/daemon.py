@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rules.firewall import Firewall
@@ -23,7 +24,7 @@ from watcher.config import Config, for_reload
 from watcher.core import control
 from watcher.core.catalogue import Event
 from watcher.core.triggers import Source, Trigger
-from watcher.errors import EX_TEMPFAIL, AgentError
+from watcher.errors import EX_TEMPFAIL, AgentError, AlreadyRunning
 from watcher.outputs.logpipeline import Logging
 from watcher.outputs.notify import Notifier
 from watcher.outputs.publisher import Outputs
@@ -65,6 +66,8 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per purpose, re-armed in place
         self._pidfd = ProcessWatch(self.emit, self.log)
         self._proc = ProcConnectorSource(self.emit, self.log)
+        self._reserved = contextlib.ExitStack()  # instance locks of state directories a reload named
+        self._reserved_dirs: set[Path] = {cfg.state.dir}
 
     # ------------------------------------------------------------------ the core and its actions
 
@@ -190,13 +193,26 @@ class Daemon:
         except AgentError as exc:
             self.feed(control.Reloaded(None, self._config_path, error=str(exc)))
             return
+        self._reserve(new.state.dir)
         new, note = for_reload(self.cfg, new)
         self.cfg = self._outputs.cfg = new
-        self._state = StateDir(new.state.dir)
         self._stop_sources()
         self._start_sources()
         self.feed(control.Reloaded(control.Params.from_config(new), self._config_path, note=note))
         self.emit(Trigger(Source.SIGNAL, "SIGHUP", self._clock()))
+
+    def _reserve(self, path: Path) -> None:
+        """Also hold the instance lock of a state directory a reload named: the agent keeps its
+        own directory until restart, and no second agent may start on the configuration file's
+        new one and fight it for the chain."""
+        if path in self._reserved_dirs:
+            return
+        try:
+            self._reserved.enter_context(StateDir(path).lock(readers_s=0.1))
+        except (AlreadyRunning, OSError) as exc:
+            self.log.warning(Event.CONFIG_RELOAD, reason=f"state.dir {path} not reserved: {exc}")
+            return
+        self._reserved_dirs.add(path)
 
     def _on_term(self, signame: str) -> None:
         if self._core.stop_at_ns is not None:  # a second SIGTERM/SIGINT: exit at once
@@ -246,6 +262,7 @@ class Daemon:
             self._stop_sources()
             self._pidfd.close()
             self._proc.close()
+            self._reserved.close()
         await self._outputs.close()
         self._worker.close(stuck=self._core.in_flight is not None)
         return code

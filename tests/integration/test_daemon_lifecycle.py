@@ -222,3 +222,31 @@ def test_a_second_agent_on_the_same_state_directory_exits_75_and_changes_nothing
     assert bed.agent.proc is not None and bed.agent.proc.poll() is None
     assert json.loads((bed.state / "daemon.json").read_text())["pid"] == bed.agent.pid
     bed.agent.check_clean()
+
+
+def test_a_reload_cannot_move_the_instance_lock(netns: Netns, tmp_path: Path) -> None:
+    """SIGHUP with [state] dir changed: a second `run` on the new directory still exits 75
+    naming the running agent (which also holds the new directory's lock), and the reload
+    keeps the running directory with a warning naming [state]."""
+    bed = Bed(netns, tmp_path)
+    bed.agent.start().wait_ready()
+    moved = tmp_path / "moved-state"
+    bed.write(probe={"interval_s": EVENT_ONLY_INTERVAL_S}, state={"dir": str(moved)})
+    mark = bed.agent.mark()
+    bed.agent.signal(signal.SIGHUP)
+    bed.agent.wait_event("config-reload", 3.0, after=mark, path=str(bed.cfg))
+    (tmp_path / "second").mkdir()
+    second = Agent(netns, bed.cfg, tmp_path / "second")  # the rewritten config: the new directory
+    try:
+        rc = second.start().wait(15.0)
+    finally:
+        if second.proc is not None and second.proc.poll() is None:
+            second.stop()
+    assert rc == 75, second.stderr()
+    assert f"pid {bed.agent.pid}" in second.stderr(), second.stderr()
+    assert bed.agent.proc is not None and bed.agent.proc.poll() is None
+    warned = [e for e in bed.agent.find("config-reload", mark) if e["log.level"] == "warning"]
+    assert len(warned) == 1 and "[state]" in warned[0]["event.reason"], warned
+    assert json.loads((bed.state / "daemon.json").read_text())["pid"] == bed.agent.pid
+    assert not (moved / "daemon.json").exists()
+    bed.agent.check_clean()
