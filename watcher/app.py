@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging as stdlib_logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,10 @@ def build_firewall(cfg: Config, log: Any = None, *, prestart: bool = False) -> F
 
 def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str | None) -> int:
     """Build the daemon from ``cfg`` and run it until SIGTERM (the CLI's ``run``)."""
-    from watcher.daemon import Daemon
+    from watcher.daemon import HANDLED_SIGNALS, Daemon
 
+    # Signals wait until the daemon handles them (Daemon.run unblocks them).
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     fmt = log_format or ("console" if sys.stdout.isatty() else None)
     logging_ = configure(cfg.log, service_name=cfg.service.name, force_format=fmt)
     logging_.install()
@@ -75,3 +78,4 @@ def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str |
             return asyncio.run(main())
     finally:
         logging_.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
