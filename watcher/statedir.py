@@ -24,13 +24,13 @@ import json
 import math
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from watcher.atomicfile import write_atomic
 from watcher.errors import AlreadyRunning
 
 __all__ = [
@@ -138,32 +138,9 @@ class StateDir:
 
     def _write(self, name: str, data: dict[str, Any]) -> None:
         self.ensure()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
-        try:
-            self._own_like_dir(fd)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def _own_like_dir(self, fd: int) -> None:
-        """Give the open file the directory's owner and group, where this process may.
-
-        Root may always; an unprivileged writer (the daemon, writing ``daemon.json`` in its own
-        directory) already matches, or keeps its own ownership when the kernel refuses (EPERM).
-        """
-        want = os.stat(self.path)
-        have = os.fstat(fd)
-        if (have.st_uid, have.st_gid) == (want.st_uid, want.st_gid):
-            return
-        with contextlib.suppress(PermissionError):
-            os.fchown(fd, want.st_uid, want.st_gid)
+        text = json.dumps(data, sort_keys=True) + "\n"
+        write_atomic(self.path / name, text.encode(), mode=0o600, owner_like_dir=True,
+                     durable=True)
 
     def _read(self, name: str) -> dict[str, Any] | None:
         """The JSON object in ``name``; None when it is absent, not a regular file, unreadable

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from watcher.outputs.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_atomic
+from watcher.outputs.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_textfile
 
 
 def _samples(data: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -175,13 +175,13 @@ def test_a_failing_disk_is_reported_once_then_recovery_once(tmp_path: Path) -> N
     assert _v(target.read_bytes(), "sslvpn_heartbeat_up") == 0
 
 
-def test_write_atomic_replaces_with_mode_0644_whatever_the_umask(tmp_path: Path) -> None:
+def test_write_textfile_replaces_with_mode_0644_whatever_the_umask(tmp_path: Path) -> None:
     """The file is world-readable under umask 077 and no temporary file is left behind."""
     target = tmp_path / "m.prom"
     target.write_text("old")
     old = os.umask(0o077)
     try:
-        write_atomic(target, b"new\n")
+        write_textfile(target, b"new\n")
     finally:
         os.umask(old)
     assert target.read_bytes() == b"new\n"
@@ -189,11 +189,13 @@ def test_write_atomic_replaces_with_mode_0644_whatever_the_umask(tmp_path: Path)
     assert os.listdir(tmp_path) == ["m.prom"]
 
 
-def test_write_atomic_never_follows_a_planted_temporary_symlink(tmp_path: Path) -> None:
-    """A symlink where the temporary file goes makes the write fail, the link target untouched."""
+def test_write_textfile_never_follows_a_planted_temporary_symlink(tmp_path: Path) -> None:
+    """Symlinks planted where a predictable temporary file would go are never followed: the
+    write goes through a fresh file, the links' target untouched."""
     victim = tmp_path / "victim"
     victim.write_text("keep")
-    (tmp_path / f".m.prom.{os.getpid()}.tmp").symlink_to(victim)
-    with pytest.raises(OSError):
-        write_atomic(tmp_path / "m.prom", b"x")
+    for name in (f".m.prom.{os.getpid()}.tmp", ".m.prom.tmp", ".m.prom"):
+        (tmp_path / name).symlink_to(victim)
+    write_textfile(tmp_path / "m.prom", b"x")
     assert victim.read_text() == "keep"
+    assert (tmp_path / "m.prom").read_bytes() == b"x" and not (tmp_path / "m.prom").is_symlink()

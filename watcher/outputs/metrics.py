@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,13 +30,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from watcher.atomicfile import write_atomic
+
 __all__ = [
     "LATENCY_BUCKETS_S",
     "MODES",
     "Metrics",
     "Snapshot",
     "render",
-    "write_atomic",
+    "write_textfile",
 ]
 
 PREFIX = "sslvpn_heartbeat"
@@ -130,27 +131,10 @@ def render(snap: Snapshot) -> bytes:
     return generate_latest(registry)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a temporary file in the same directory, then rename.
-
-    The file is mode 0644 whatever the umask (node_exporter runs as another user); the temporary
-    name starts with a dot and does not end in ``.prom``, so the collector never reads it.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_textfile(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (watcher.atomicfile), mode 0644 whatever the umask:
+    node_exporter runs as another user; its temporary name never ends in ``.prom``."""
+    write_atomic(path, data, mode=0o644)
 
 
 Reporter = Callable[[str], None]  # "" after a success that follows failures, else the error
@@ -161,7 +145,7 @@ class Metrics:
 
     def __init__(self, path: Path, version: str, *, checks: Iterable[str] = (),
                  report: Reporter | None = None, clock: Callable[[], float] = time.time,
-                 writer: Callable[[Path, bytes], None] = write_atomic) -> None:
+                 writer: Callable[[Path, bytes], None] = write_textfile) -> None:
         """``checks``: the probe's check names, shown at 0 from the start (rate() needs a
         first sample); ``report`` is called on the writer thread with each new error, and
         with "" when writing works again."""
