@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from rules.model import Mode
+from watcher.core.control import AdminBlock, Health, Status
 from watcher.outputs.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_textfile
 
 
@@ -29,7 +31,7 @@ def _v(data: bytes, name: str, **labels: str) -> float:
 
 def test_render_names_every_metric_of_the_contract() -> None:
     """The rendering holds every metric the issue names, with the documented labels."""
-    data = render(Snapshot(version="1.2.3", health="up", mode="open"))
+    data = render(Snapshot(version="1.2.3", status=Status(Health.UP, Mode.OPEN, None, "")))
     names = {n for n, _ in _samples(data)}
     assert {"sslvpn_heartbeat_up", "sslvpn_heartbeat_service_healthy",
             "sslvpn_heartbeat_chain_mode", "sslvpn_heartbeat_admin_block",
@@ -48,7 +50,9 @@ def test_render_names_every_metric_of_the_contract() -> None:
        mode=st.none() | st.sampled_from(MODES), admin=st.booleans(), up=st.booleans())
 def test_gauges_follow_the_snapshot(health: str, mode: str | None, admin: bool, up: bool) -> None:
     """up, service_healthy, admin_block and exactly one chain_mode (none if unknown) are 0/1."""
-    data = render(Snapshot(version="v", up=up, health=health, mode=mode, admin=admin))
+    status = Status(Health(health), None if mode is None else Mode(mode),
+                    AdminBlock(False, "") if admin else None, "")
+    data = render(Snapshot(version="v", up=up, status=status))
     assert _v(data, "sslvpn_heartbeat_up") == int(up)
     assert _v(data, "sslvpn_heartbeat_service_healthy") == int(health == "up")
     assert _v(data, "sslvpn_heartbeat_admin_block") == int(admin)

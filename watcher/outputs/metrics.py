@@ -30,7 +30,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from rules.model import Mode
 from watcher.atomicfile import write_atomic
+from watcher.core.control import Health, Status
 
 __all__ = [
     "LATENCY_BUCKETS_S",
@@ -42,7 +44,8 @@ __all__ = [
 ]
 
 PREFIX = "sslvpn_heartbeat"
-MODES = ("open", "block", "drain")
+MODES = tuple(str(m) for m in Mode)
+_STARTING = Status(Health.STARTING, None, None, "")
 # Kernel event to rule in effect: ~1 ms on an idle host, seconds behind a held xtables lock.
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _MAX_CHECK_LABELS = 16  # probe check names are a small fixed set; never let labels grow unbounded
@@ -54,9 +57,7 @@ class Snapshot:
 
     version: str
     up: bool = True
-    health: str = "starting"  # starting | up | down
-    mode: str | None = None  # open | block | drain, or None before the first apply succeeded
-    admin: bool = False
+    status: Status = _STARTING  # the core's: health, the chain's mode (None: unknown), admin
     transitions: Mapping[str, int] = field(default_factory=lambda: {"down": 0, "up": 0})
     last_transition_s: float = 0.0  # Unix time; 0: none since the agent started
     latency_counts: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_S) + 1)  # per bucket, +Inf last
@@ -72,16 +73,16 @@ def _families(s: Snapshot) -> Iterator[Metric]:
                             value=1.0 if s.up else 0.0)
     yield GaugeMetricFamily(f"{p}_service_healthy",
                             "1 while the watched service is healthy (UP), else 0.",
-                            value=1.0 if s.health == "up" else 0.0)
+                            value=1.0 if s.status.health is Health.UP else 0.0)
     mode = GaugeMetricFamily(f"{p}_chain_mode",
                              "1 for the mode the agent's chain holds (all 0 before it is known).",
                              labels=["mode"])
     for m in MODES:
-        mode.add_metric([m], 1.0 if s.mode == m else 0.0)
+        mode.add_metric([m], 1.0 if s.status.mode == m else 0.0)
     yield mode
     yield GaugeMetricFamily(f"{p}_admin_block",
                             "1 while an operator's block (full or drain) is in force.",
-                            value=1.0 if s.admin else 0.0)
+                            value=1.0 if s.status.admin is not None else 0.0)
     trans = CounterMetricFamily(f"{p}_transitions", "Health transitions of the service.",
                                 labels=["to"])
     for to in ("down", "up"):
@@ -179,9 +180,9 @@ class Metrics:
             self._snap = new
         self._changed()
 
-    def status(self, health: str, mode: str | None, admin: bool) -> None:
-        """The current health (starting/up/down), chain mode (None: unknown) and admin block."""
-        self._update(health=health, mode=mode, admin=admin)
+    def status(self, status: Status) -> None:
+        """The core's current status (health, the chain's mode, the admin block)."""
+        self._update(status=status)
 
     def transition(self, to: str, at: float | None = None) -> None:
         """The service went ``to`` "down" or "up" at Unix time ``at`` (default: now)."""

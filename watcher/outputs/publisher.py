@@ -24,7 +24,19 @@ from watcher.outputs.notify import Notifier
 from watcher.probe import CHECKS
 from watcher.statedir import StateDir
 
-__all__ = ["Outputs"]
+__all__ = ["Outputs", "status_line", "status_record"]
+
+
+def status_record(status: control.Status, pid: int, since: float) -> dict[str, Any]:
+    """The status file's object (daemon.json) for ``status``, written by agent ``pid``."""
+    return {"pid": pid, "health": str(status.health),
+            "mode": None if status.mode is None else str(status.mode),
+            "admin": status.admin is not None, "since": since}
+
+
+def status_line(status: control.Status) -> str:
+    """sd_notify's STATUS= text for ``status``."""
+    return f"service {status.health}, firewall {status.mode}"
 
 
 class Outputs:
@@ -82,27 +94,21 @@ class Outputs:
                 m.tick()  # the file's mtime says the agent is alive
 
     def _publish(self, status: control.Status) -> None:
-        mode = None if status.mode is None else str(status.mode)
-        self._io.submit(self._write_status, status, mode)
+        self._io.submit(self._write_status, status)
         if self._metrics is not None:
-            self._metrics.status(str(status.health), mode, status.admin is not None)
+            self._metrics.status(status)
             self._metrics.log_dropped(self._dropped())
         if self._check is not None:
-            admin = status.admin
-            self._check.update(agentcheck.Status(
-                health=str(status.health), admin=admin is not None,
-                drain=admin is not None and admin.drain,
-                admin_reason="" if admin is None else admin.reason, failure=status.reason))
+            self._check.update(status)
 
-    def _write_status(self, status: control.Status, mode: str | None) -> None:
+    def _write_status(self, status: control.Status) -> None:
         """The status file and STATUS= (in the status thread, off the event loop)."""
-        info = {"pid": os.getpid(), "health": str(status.health), "mode": mode,
-                "admin": status.admin is not None, "since": self._wall()}
         try:
-            StateDir(self.cfg.state.dir).write_daemon(info)
+            StateDir(self.cfg.state.dir).write_daemon(status_record(status, os.getpid(),
+                                                                    self._wall()))
         except OSError as exc:
             self.log.warning(Event.STATE_WRITE_FAILED, reason=str(exc))
-        self._notify.status(f"service {status.health}, firewall {mode}")
+        self._notify.status(status_line(status))
 
     async def _listen(self) -> None:
         """Open the agent-check listener once the core's status is ready (the kernel holds the
