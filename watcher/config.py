@@ -2,9 +2,11 @@
 
 Each key is declared once, as a field of its section's dataclass: its default, its check (which
 also fixes its allowed values; choices are StrEnums or a tuple owned by ``rules``) and whether a
-SIGHUP reload may change it, all through ``key(...)``. ``SCHEMA``, ``for_reload`` and the control
-core's ``Params`` read them from there. To add a key: one ``key(...)`` line in its section; to add
-a section: a frozen dataclass of such lines and one ``section(...)`` line in ``Config``.
+SIGHUP reload may change it, all through ``key(...)`` (``key_factory(...)`` for a default
+computed at build time). ``SCHEMA``, ``for_reload`` and the control core's ``Params`` read them
+from there. To add a key: one ``key(...)`` line in its section; to add a section: a frozen
+dataclass of such lines and one ``section(...)`` line in ``Config`` (``optional_section(...)``
+for one whose absence turns a feature off).
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ __all__ = [
     "StateConfig",
     "for_reload",
     "key",
+    "key_factory",
     "load_config",
+    "optional_section",
     "parse_config",
     "parse_listen",
+    "section",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sslvpn-heartbeat/config.toml")
@@ -238,9 +243,20 @@ def key(default: T, check: Check, *, restart: bool = False) -> T:
     return field(default=default, metadata={"check": check, "restart": restart})
 
 
+def key_factory(factory: Callable[[], T], check: Check, *, restart: bool = False) -> T:
+    """A configuration key whose default is computed when a section is built (e.g. the host's
+    name); otherwise as ``key``."""
+    return field(default_factory=factory, metadata={"check": check, "restart": restart})
+
+
 def section(cls: type[T], *, restart: bool = False) -> T:
     """A configuration section, the dataclass ``cls``; ``restart``: a reload keeps all of it."""
     return field(default_factory=cls, metadata={"cls": cls, "restart": restart})
+
+
+def optional_section(cls: type[T], *, restart: bool = False) -> T | None:
+    """A section that is None unless the file has it (its absence turns a feature off)."""
+    return field(default=None, metadata={"cls": cls, "restart": restart})
 
 
 # ------------------------------------------------------------------ the sections
@@ -405,6 +421,9 @@ def for_reload(old: Config, new: Config) -> tuple[Config, str]:
             if now != was:
                 kept.append(f"[{sec.name}]")
             sections[sec.name] = was
+            continue
+        if was is None or now is None:  # an optional section added or removed: all or nothing
+            sections[sec.name] = now
             continue
         keys = {f.name: getattr(was, f.name) for f in dataclasses.fields(now)
                 if f.metadata.get("restart") and getattr(now, f.name) != getattr(was, f.name)}

@@ -596,3 +596,31 @@ def test_for_reload_property(old: Config, new: Config) -> None:
         else:
             assert g == n
     assert (note != "") == differs
+
+
+def test_key_factory_and_optional_section_carry_their_declarations() -> None:
+    """key_factory computes its default per instance and keeps its check; optional_section is
+    None by default and names its dataclass (what SCHEMA and parse_config read)."""
+    from dataclasses import dataclass
+
+    from watcher.config import key_factory, optional_section
+
+    calls: list[int] = []
+
+    def make() -> str:
+        calls.append(1)
+        return f"host{len(calls)}"
+
+    @dataclass(frozen=True)
+    class Extra:
+        member: str = key_factory(make, lambda k, v: v, restart=True)
+
+    @dataclass(frozen=True)
+    class Holder:
+        extra: Extra | None = optional_section(Extra)
+
+    assert (Extra().member, Extra().member) == ("host1", "host2")
+    (member,) = dataclasses.fields(Extra)
+    assert member.metadata["restart"] and member.metadata["check"]("k", "v") == "v"
+    (extra,) = dataclasses.fields(Holder)
+    assert Holder().extra is None and extra.metadata["cls"] is Extra
