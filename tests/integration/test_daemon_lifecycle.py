@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -249,4 +250,41 @@ def test_a_reload_cannot_move_the_instance_lock(netns: Netns, tmp_path: Path) ->
     assert len(warned) == 1 and "[state]" in warned[0]["event.reason"], warned
     assert json.loads((bed.state / "daemon.json").read_text())["pid"] == bed.agent.pid
     assert not (moved / "daemon.json").exists()
+    bed.agent.check_clean()
+
+
+def _waiting_for_the_lock_with_sigterm_blocked(pid: int, lock: Path) -> bool:
+    """True while ``pid`` has ``lock`` open (it is in its initialisation, taking the instance
+    lock) and its main thread has SIGTERM blocked (SigBlk in /proc/PID/status)."""
+    try:
+        fds = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(ln.split()[1], 16) for ln in text.splitlines() if ln.startswith("SigBlk:"))
+    return str(lock) in fds and bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+def test_a_sigterm_while_the_daemon_initialises_is_a_stop_not_a_death(
+        netns: Netns, tmp_path: Path) -> None:
+    """A command holds the instance lock shared for a moment while the agent starts, so the
+    agent waits in its initialisation with SIGTERM blocked; a SIGTERM sent then is delivered
+    once the handlers are in place: the agent stops in order (agent-stop, exit 0), it is not
+    killed by the signal half-built."""
+    bed = Bed(netns, tmp_path)
+    bed.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(bed.state / "agent.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as StateDir.agent() does, for a moment
+        bed.agent.start()
+        wait_for(lambda: _waiting_for_the_lock_with_sigterm_blocked(
+            bed.agent.pid, bed.state / "agent.lock"), 20.0, "init with SIGTERM blocked",
+            interval=0.001)
+        bed.agent.signal(signal.SIGTERM)
+    finally:
+        os.close(fd)  # the agent takes the lock now and goes on initialising
+    rc = bed.agent.wait(15.0)
+    assert rc == 0, (rc, bed.agent.stderr())
+    assert bed.agent.find("agent-stop"), bed.agent.dump()
+    assert not bed.agent.find("agent-ready")  # it stopped before its first decision
     bed.agent.check_clean()
