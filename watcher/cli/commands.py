@@ -361,6 +361,11 @@ def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
     except OSError as exc:
         return nagios.unknown(f"cannot read the state directory {sd.path}: {exc.strerror}; "
                               "run the check as root or as the agent's user")
+    try:
+        agent = sd.agent()
+    except OSError as exc:
+        return nagios.unknown(f"cannot read the instance lock in {sd.path}: {exc.strerror}; "
+                              "run the check as root or as the agent's user")
     prober = Prober(cfg.service, cfg.probe, own_pid=os.getpid(), listening=listening)
     result = asyncio.run(prober.probe())
     now = time.time()
@@ -368,7 +373,7 @@ def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
         service=cfg.service.name, port=cfg.service.port, healthy=result.ok,
         reason=result.reason, probe_s=result.duration_ns / 1e9,
         established=_established(cfg.service.port), admin=sd.admin(now),
-        daemon_running=sd.agent() is not None, now=now)
+        daemon_running=agent is not None, now=now)
     return nagios.verdict(facts)
 
 

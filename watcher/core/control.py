@@ -18,7 +18,12 @@ out the actions it returns, in order. The core owns:
   with the mode wanted at that moment.
 * **READY**: only once the kernel holds the first decision.
 * **stop**: waits for the change in flight, applies ``on_exit`` (an admin block is kept), and
-  ends in exactly one ``Exit``.
+  ends in exactly one ``Exit``; it arms its own outer bound (``StopBoundAt``: past it, exit 75
+  whatever is in flight), and a second signal exits at once with 128 + its number after a
+  bounded log flush.
+* **what the outputs show**: the one ``Status`` that the status file, STATUS=, the metrics and
+  the agent check render (``ready``: the agent check may answer), and what the metrics count
+  (``Count``: a failover is a new mode in effect after an event other than start-up).
 """
 
 from __future__ import annotations
@@ -74,6 +79,11 @@ _S = 1_000_000_000
 _DEFAULT = Config()  # the defaults are the configuration's, declared once in watcher.config
 
 
+def _attempt_ns(lock_wait_s: float) -> int:
+    """The bound on one firewall change: the xtables lock wait plus a second for the commands."""
+    return int((lock_wait_s + 1.0) * _S)
+
+
 class Health(enum.StrEnum):
     """The service's health as the agent believes it."""
 
@@ -90,8 +100,7 @@ class Params:
     fall: int = _DEFAULT.probe.fall
     rise_interval_ns: int = _DEFAULT.probe.rise_interval_ms * 1_000_000
     on_exit: OnExit = _DEFAULT.firewall.on_exit
-    # bound on one firewall change (lock wait plus the commands)
-    attempt_ns: int = int((_DEFAULT.firewall.lock_wait_s + 1.0) * _S)
+    attempt_ns: int = _attempt_ns(_DEFAULT.firewall.lock_wait_s)
     stop_grace_ns: int = 8 * _S  # SIGTERM to exit, whatever the xtables lock does
     abort_flush_ns: int = 500_000_000  # a second SIGTERM: how long the log may take to flush
     retry_min_ns: int = 100_000_000
@@ -110,7 +119,7 @@ class Params:
         return cls(rise=cfg.probe.rise, fall=cfg.probe.fall,
                    rise_interval_ns=cfg.probe.rise_interval_ms * 1_000_000,
                    on_exit=cfg.firewall.on_exit,
-                   attempt_ns=int((cfg.firewall.lock_wait_s + 1.0) * _S))
+                   attempt_ns=_attempt_ns(cfg.firewall.lock_wait_s))
 
 
 @dataclass(frozen=True)
