@@ -581,7 +581,7 @@ def test_for_reload_keeps_the_state_directory() -> None:
 
 
 @given(_valid_configs, _valid_configs)
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_for_reload_property(old: Config, new: Config) -> None:
     """For any two valid configs: restart-only keys come from the old one, every other key from
     the new one, and the note is empty exactly when no restart-only key differs."""
