@@ -104,11 +104,13 @@ def child_env() -> dict[str, str]:
 
 
 def protector_argv(name: str, pid_file: Path, workdir: Path, *, port: int = PORT,
-                   agent: AgentSettings = AgentSettings(), timed: bool = False) -> list[str]:
+                   agent: AgentSettings = AgentSettings(), timed: bool = False,
+                   launcher: Sequence[str] = ()) -> list[str]:
     """argv (to run inside a server namespace) of protector ``name`` guarding ``pid_file``.
 
     Writes the protector's configuration under ``workdir``. ``timed`` runs the agent with the
-    timing hooks of this module (probe and iptables durations on stderr).
+    timing hooks of this module (probe and iptables durations on stderr); ``launcher``, the
+    module and subcommand of another benchmark's wrapper (``python -m`` LAUNCHER ``run ...``).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "agent":
@@ -123,9 +125,8 @@ def protector_argv(name: str, pid_file: Path, workdir: Path, *, port: int = PORT
             "state": {"dir": str(workdir / "agent-state")},
         })
         if timed:
-            return [sys.executable, "-m", "bench.failover", "_timed-agent", "run",
-                    "--config", str(cfg)]
-        return [sys.executable, "-m", "watcher", "run", "--config", str(cfg)]
+            launcher = ("bench.failover", "_timed-agent")
+        return [sys.executable, "-m", *(launcher or ("watcher",)), "run", "--config", str(cfg)]
     if name == "polling":
         return ["/bin/sh", str(POLLING_SCRIPT), "loop", str(pid_file), str(port), CHAIN, "1"]
     if name == "monit":
@@ -221,9 +222,11 @@ class ServerBed:
         return pid if pid is not None and fakesvc.pid_alive(pid) else None
 
     def start_protector(self, name: str, *, agent: AgentSettings = AgentSettings(),
-                        timed: bool = False) -> subprocess.Popen[bytes]:
+                        timed: bool = False,
+                        launcher: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         """Start protector ``name`` in the server namespace, output to files in the workdir."""
-        argv = protector_argv(name, self.pid_file, self.workdir / name, agent=agent, timed=timed)
+        argv = protector_argv(name, self.pid_file, self.workdir / name, agent=agent, timed=timed,
+                              launcher=launcher)
         with open(self.workdir / f"{name}.out", "ab") as out, \
                 open(self.workdir / f"{name}.err", "ab") as err:
             self.protector = self.server.popen(argv, stdin=subprocess.DEVNULL, stdout=out,

@@ -4,8 +4,9 @@
 
 Root only. Two server/client namespace pairs (bench.failover.ServerBed), each with the fake
 SSL VPN service and an agent: ``filtered`` (the product: the classic BPF filter on the
-sock_diag destroy socket) and ``unfiltered`` (the same agent started with
-``SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS=1``, which leaves the filter off: the cost before it).
+sock_diag destroy socket) and ``unfiltered`` (the same agent started through this module's
+``_unfiltered-agent`` wrapper, which builds its ListenerWatch without the filter: the cost
+before it; the shipped agent has no switch for it).
 Both run side by side through the same seconds. For each rate N (connections a second; ``max``:
 one client as fast as it goes):
 
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,6 @@ from bench.failover import (
 )
 from bench.machine import ICMP_LIMITS_OFF, machine_line
 from tests.netns import REPO
-from watcher.sources.sock_diag import UNFILTERED_ENV
 
 __all__ = ["Reading", "main", "read_agent", "run_client"]
 
@@ -127,20 +127,17 @@ def _total(readings: Sequence[Reading]) -> dict[str, float]:
 
 # --- the run -----------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _env(name: str, value: str | None) -> Iterator[None]:
-    """``name`` set to ``value`` (None: unchanged) for processes started inside the block."""
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if value is not None:
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
+def _unfiltered_agent(argv: Sequence[str]) -> int:
+    """Run the agent's CLI with the sock_diag destroy socket left unfiltered (the benchmark's
+    baseline), by building the daemon's ListenerWatch with ``kernel_filter=False``."""
+    import functools
+
+    from watcher import daemon
+    from watcher.cli import commands as cli
+
+    daemon.ListenerWatch = functools.partial(  # type: ignore[misc]  # the benchmark's variant
+        daemon.ListenerWatch, kernel_filter=False)
+    return cli.main(list(argv))
 
 
 def _start_clients(beds: dict[str, ServerBed], rate: float,
@@ -332,6 +329,8 @@ def report(results: dict[str, dict[str, Any]], seconds: float) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry: both agents, every rate, the tables (markdown) on stdout."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["_unfiltered-agent"]:
+        return _unfiltered_agent(args[1:])
     if args[:1] == ["_client"]:
         addr, port, rate, seconds = args[1], int(args[2]), float(args[3]), float(args[4])
         print(json.dumps(run_client(addr, port, rate, seconds)))
@@ -365,9 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     try:
         for i, v in enumerate(VARIANTS):
-            with _env(UNFILTERED_ENV, "1" if v == "unfiltered" else None):
-                beds[v] = bed = ServerBed(prefix=f"svt{i}")
-                bed.start_protector("agent", agent=agent)
+            beds[v] = bed = ServerBed(prefix=f"svt{i}")
+            bed.start_protector("agent", agent=agent, launcher=(
+                ("bench.traffic", "_unfiltered-agent") if v == "unfiltered" else ()))
         for bed in beds.values():
             bed.wait_protected_open()
         pids = {}
@@ -382,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for bed in beds.values():
             bed.close()
     print(header)
-    print(f"# bench.traffic: agents filtered and unfiltered ({UNFILTERED_ENV}=1) side by side, "
+    print(f"# bench.traffic: agents filtered and unfiltered (no kernel filter) side by side, "
           f"{a.seconds:g} s per rate, {a.rounds} failovers per rate and variant; agent "
           f"interval_s={agent.interval_s}; client: one process per bed, connect + close")
     print("\n".join(report(results, a.seconds)))

@@ -6,12 +6,9 @@ The one place that builds concrete parts and hands them in; nothing imports it b
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging as stdlib_logging
-import os
+import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +17,11 @@ from rules.firewall import Firewall
 from rules.model import ChainSpec
 from watcher.config import Config, load_config
 from watcher.core.catalogue import Event
-from watcher.errors import AlreadyRunning
 from watcher.outputs.logpipeline import configure
 from watcher.outputs.notify import Notifier
+from watcher.statedir import StateDir
 
-__all__ = ["LOCK_FILE", "build_firewall", "chain_spec", "instance_lock", "run"]
-
-LOCK_FILE = "agent.lock"
+__all__ = ["build_firewall", "chain_spec", "run"]
 
 
 def chain_spec(cfg: Config) -> ChainSpec:
@@ -44,34 +39,12 @@ def build_firewall(cfg: Config, log: Any = None, *, prestart: bool = False) -> F
                          lock_wait_s=cfg.firewall.lock_wait_s, prestart=prestart)
 
 
-@contextlib.contextmanager
-def instance_lock(state_dir: Path) -> Iterator[None]:
-    """Hold the state directory's lock for as long as the agent runs.
-
-    The state directory names the chain's owner: a second agent on it would fight the first
-    for the chain. Raises AlreadyRunning, naming the holder's PID, when another process has it.
-    """
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise AlreadyRunning(f"another sslvpn-heartbeat agent (pid {holder}) is running "
-                                 f"with state directory {state_dir}; not started") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str | None) -> int:
     """Build the daemon from ``cfg`` and run it until SIGTERM (the CLI's ``run``)."""
-    from watcher.daemon import Daemon
+    from watcher.daemon import HANDLED_SIGNALS, Daemon
 
+    # Signals wait until the daemon handles them (Daemon.run unblocks them).
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     fmt = log_format or ("console" if sys.stdout.isatty() else None)
     logging_ = configure(cfg.log, service_name=cfg.service.name, force_format=fmt)
     logging_.install()
@@ -81,7 +54,7 @@ def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str |
     pyinotify_log.propagate = True
     path = config_path if config_given or config_path.exists() else None
     try:
-        with instance_lock(cfg.state.dir):
+        with StateDir(cfg.state.dir).lock():
             log = logging_.logger(**{"service.name": cfg.service.name})
             fw = build_firewall(cfg, log, prestart=True)
             fw.detect_families()
@@ -103,3 +76,4 @@ def run(cfg: Config, *, config_path: Path, config_given: bool, log_format: str |
             return asyncio.run(main())
     finally:
         logging_.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

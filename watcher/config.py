@@ -1,117 +1,56 @@
-"""The TOML configuration: frozen dataclasses, validated on load; every error names its key."""
+"""The TOML configuration: frozen dataclasses, validated on load; every error names its key.
+
+Each key is declared once, as a field of its section's dataclass: its default, its check (which
+also fixes its allowed values; choices are StrEnums or a tuple owned by ``rules``) and whether a
+SIGHUP reload may change it, all through ``key(...)`` (``key_factory(...)`` for a default
+computed at build time). ``SCHEMA``, ``for_reload`` and the control core's ``Params`` read them
+from there. To add a key: one ``key(...)`` line in its section; to add a section: a frozen
+dataclass of such lines and one ``section(...)`` line in ``Config`` (``optional_section(...)``
+for one whose absence turns a feature off).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import ipaddress
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rules.model import RuleError, validate_chain_name
+from rules.model import REJECT_CHOICES, RuleError, validate_chain_name
 from watcher.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "FACILITIES",
+    "SCHEMA",
     "AgentCheckConfig",
+    "Backend",
     "Config",
     "FirewallConfig",
     "LogConfig",
+    "LogFormat",
+    "LogLevel",
     "MetricsConfig",
+    "OnExit",
     "ProbeConfig",
     "ServiceConfig",
     "StateConfig",
     "for_reload",
+    "key",
+    "key_factory",
     "load_config",
+    "optional_section",
     "parse_config",
     "parse_listen",
+    "section",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/sslvpn-heartbeat/config.toml")
 MAX_CONFIG_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """What service is watched: its PID file, its port, optionally its process name."""
-
-    name: str = "novell-sslvpn"
-    pid_file: Path = Path("/run/novell-sslvpn.pid")
-    port: int = 8080
-    process_name: str = ""  # empty: any process the PID file names
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """How the verification probe runs and how many results make a transition."""
-
-    timeout_ms: int = 1000
-    interval_s: float = 5.0
-    rise: int = 2
-    fall: int = 2
-    rise_interval_ms: int = 250
-    http_path: str = ""  # empty: TCP connect only
-    tls: bool = False
-
-
-@dataclass(frozen=True)
-class FirewallConfig:
-    """The chain the agent owns and how it is written."""
-
-    chain: str = "sslvpn-heartbeat-chain"
-    backend: str = "auto"  # auto | nft | restore | iptc
-    ipv6: bool = True
-    on_exit: str = "open"  # open | keep | remove
-    reject_with: str = "icmp-port-unreachable"  # or tcp-reset
-    lock_wait_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    """Where the JSON events go."""
-
-    format: str = "json"  # json | console
-    level: str = "info"
-    file: str = ""  # empty: no file sink
-    syslog: bool = False
-    syslog_address: str = "/dev/log"  # a unix datagram socket; remote: through rsyslog
-    syslog_facility: str = "daemon"
-
-
-@dataclass(frozen=True)
-class StateConfig:
-    """Where the admin block survives restarts."""
-
-    dir: Path = Path("/var/lib/sslvpn-heartbeat")
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    """Prometheus metrics written for node_exporter's textfile collector."""
-
-    textfile: str = ""  # empty: no metrics file
-
-
-@dataclass(frozen=True)
-class AgentCheckConfig:
-    """HAProxy's agent check: the address the one-line answer is served on."""
-
-    listen: str = ""  # empty: no listener; else "ADDR:PORT" ("[ADDR]:PORT" for IPv6)
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole configuration; defaults match the original product's manual page."""
-
-    service: ServiceConfig = field(default_factory=ServiceConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
-    firewall: FirewallConfig = field(default_factory=FirewallConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    state: StateConfig = field(default_factory=StateConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    agent_check: AgentCheckConfig = field(default_factory=AgentCheckConfig)
 
 
 T = TypeVar("T")
@@ -146,11 +85,14 @@ def _bool(key: str, v: Any) -> bool:
     return v
 
 
-def _choice(*choices: str) -> Check:
-    def check(key: str, v: Any) -> str:
-        if v not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(choices)}, got {v!r}")
-        return str(v)
+def _choice(choices: Iterable[str], convert: Callable[[str], Any] = str) -> Check:
+    """One of ``choices`` (an enum's members or a tuple of names), turned into ``convert(v)``."""
+    names = tuple(str(c) for c in choices)
+
+    def check(key: str, v: Any) -> Any:
+        if not isinstance(v, str) or v not in names:
+            raise ConfigError(key, f"must be one of {', '.join(names)}, got {v!r}")
+        return convert(v)
 
     return check
 
@@ -258,57 +200,164 @@ def _service_name_ok(s: str) -> bool:
     return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
 
+
+
+# ------------------------------------------------------------------ allowed values, declared once
+
+class Backend(enum.StrEnum):
+    """How the chain is written: ``auto`` picks by the host's iptables flavour."""
+
+    AUTO = "auto"
+    NFT = "nft"
+    RESTORE = "restore"
+    IPTC = "iptc"
+
+
+class OnExit(enum.StrEnum):
+    """What SIGTERM does to the chain: empty it, leave it, or delete chain and jump."""
+
+    OPEN = "open"
+    KEEP = "keep"
+    REMOVE = "remove"
+
+
+class LogFormat(enum.StrEnum):
+    """How log lines are written on the standard output (the file and syslog get JSON)."""
+
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class LogLevel(enum.StrEnum):
+    """The severity of a log line; the configured one is the least that is written."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+def key(default: T, check: Check, *, restart: bool = False) -> T:
+    """A configuration key: its ``default``, the ``check`` that validates (and converts) a TOML
+    value, and ``restart``: a reload keeps the running value (it takes effect on restart)."""
+    return field(default=default, metadata={"check": check, "restart": restart})
+
+
+def key_factory(factory: Callable[[], T], check: Check, *, restart: bool = False) -> T:
+    """A configuration key whose default is computed when a section is built (e.g. the host's
+    name); otherwise as ``key``."""
+    return field(default_factory=factory, metadata={"check": check, "restart": restart})
+
+
+def section(cls: type[T], *, restart: bool = False) -> T:
+    """A configuration section, the dataclass ``cls``; ``restart``: a reload keeps all of it."""
+    return field(default_factory=cls, metadata={"cls": cls, "restart": restart})
+
+
+def optional_section(cls: type[T], *, restart: bool = False) -> T | None:
+    """A section that is None unless the file has it (its absence turns a feature off)."""
+    return field(default=None, metadata={"cls": cls, "restart": restart})
+
+
+# ------------------------------------------------------------------ the sections
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What service is watched: its PID file, its port, optionally its process name."""
+
+    name: str = key("novell-sslvpn",
+                    _str(64, _service_name_ok, "ASCII letters, digits and -_.@", min_len=1))
+    pid_file: Path = key(Path("/run/novell-sslvpn.pid"), _abs_path)
+    port: int = key(8080, _int(1, 65535), restart=True)  # the chain's rule matches it
+    process_name: str = key("", _str(255, lambda s: "/" not in s, "a name without '/'"))
+    # process_name empty: any process the PID file names
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How the verification probe runs and how many results make a transition."""
+
+    timeout_ms: int = key(1000, _int(10, 60_000))
+    interval_s: float = key(5.0, _float(0.05, 3600.0))
+    rise: int = key(2, _int(1, 100))
+    fall: int = key(2, _int(1, 100))
+    rise_interval_ms: int = key(250, _int(0, 60_000))
+    http_path: str = key("", _str(  # empty: TCP connect only
+        1024, lambda s: s.startswith("/") and s.isprintable() and " " not in s,
+        "an absolute URL path"))
+    tls: bool = key(False, _bool)
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    """The chain the agent owns and how it is written."""
+
+    chain: str = key("sslvpn-heartbeat-chain", _chain)
+    backend: Backend = key(Backend.AUTO, _choice(Backend, Backend))
+    ipv6: bool = key(True, _bool)
+    on_exit: OnExit = key(OnExit.OPEN, _choice(OnExit, OnExit))
+    reject_with: str = key("icmp-port-unreachable", _choice(REJECT_CHOICES))
+    lock_wait_s: float = key(5.0, _float(0.0, 300.0))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where the JSON events go."""
+
+    format: LogFormat = key(LogFormat.JSON, _choice(LogFormat, LogFormat))
+    level: LogLevel = key(LogLevel.INFO, _choice(LogLevel, LogLevel))
+    file: str = key("", _str(4096, lambda s: s.startswith("/"), "an absolute path"))  # "": none
+    syslog: bool = key(False, _bool)
+    # a unix datagram socket; remote collectors: through rsyslog
+    syslog_address: str = key("/dev/log", _syslog_address)
+    syslog_facility: str = key("daemon", _choice(FACILITIES))
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the admin block survives restarts, and the instance lock that names the chain's
+    owner (a reload cannot move it: the lock stays where the agent took it)."""
+
+    dir: Path = key(Path("/var/lib/sslvpn-heartbeat"), _abs_path)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics written for node_exporter's textfile collector."""
+
+    textfile: str = key("", _textfile)  # empty: no metrics file
+
+
+@dataclass(frozen=True)
+class AgentCheckConfig:
+    """HAProxy's agent check: the address the one-line answer is served on."""
+
+    listen: str = key("", _listen)  # empty: no listener; else "ADDR:PORT" ("[ADDR]:PORT" for IPv6)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; defaults match the original product's manual page."""
+
+    service: ServiceConfig = section(ServiceConfig)
+    probe: ProbeConfig = section(ProbeConfig)
+    firewall: FirewallConfig = section(FirewallConfig, restart=True)
+    log: LogConfig = section(LogConfig)
+    state: StateConfig = section(StateConfig, restart=True)
+    metrics: MetricsConfig = section(MetricsConfig, restart=True)
+    agent_check: AgentCheckConfig = section(AgentCheckConfig, restart=True)
+
+
+def _section_class(sec: dataclasses.Field[Any]) -> type[Any]:
+    cls: type[Any] = sec.metadata["cls"]
+    return cls
+
+
+# section -> (its dataclass, key -> its check): read from the dataclasses above, never repeated.
 SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
-    "service": (
-        ServiceConfig,
-        {
-            "name": _str(64, _service_name_ok, "ASCII letters, digits and -_.@", min_len=1),
-            "pid_file": _abs_path,
-            "port": _int(1, 65535),
-            "process_name": _str(255, lambda s: "/" not in s, "a name without '/'"),
-        },
-    ),
-    "probe": (
-        ProbeConfig,
-        {
-            "timeout_ms": _int(10, 60_000),
-            "interval_s": _float(0.05, 3600.0),
-            "rise": _int(1, 100),
-            "fall": _int(1, 100),
-            "rise_interval_ms": _int(0, 60_000),
-            "http_path": _str(
-                1024,
-                lambda s: s.startswith("/") and s.isprintable() and " " not in s,
-                "an absolute URL path",
-            ),
-            "tls": _bool,
-        },
-    ),
-    "firewall": (
-        FirewallConfig,
-        {
-            "chain": _chain,
-            "backend": _choice("auto", "nft", "restore", "iptc"),
-            "ipv6": _bool,
-            "on_exit": _choice("open", "keep", "remove"),
-            "reject_with": _choice("icmp-port-unreachable", "tcp-reset"),
-            "lock_wait_s": _float(0.0, 300.0),
-        },
-    ),
-    "log": (
-        LogConfig,
-        {
-            "format": _choice("json", "console"),
-            "level": _choice("debug", "info", "warning", "error"),
-            "file": _str(4096, lambda s: s.startswith("/"), "an absolute path"),
-            "syslog": _bool,
-            "syslog_address": _syslog_address,
-            "syslog_facility": _choice(*FACILITIES),
-        },
-    ),
-    "state": (StateConfig, {"dir": _abs_path}),
-    "metrics": (MetricsConfig, {"textfile": _textfile}),
-    "agent_check": (AgentCheckConfig, {"listen": _listen}),
+    sec.name: (_section_class(sec),
+               {f.name: f.metadata["check"] for f in dataclasses.fields(_section_class(sec))})
+    for sec in dataclasses.fields(Config)
 }
 
 
@@ -360,17 +409,27 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
 
 
 def for_reload(old: Config, new: Config) -> tuple[Config, str]:
-    """What a reload applies of ``new``: all of it but ``[firewall]``, ``service.port``,
-    ``[metrics]`` and ``[agent_check]``, which take effect on restart only; the note names
-    those that differ ("" when none does)."""
-    kept = []
-    if (new.firewall, new.service.port) != (old.firewall, old.service.port):
-        kept.append("[firewall] and service.port")
-        new = dataclasses.replace(new, firewall=old.firewall,
-                                  service=dataclasses.replace(new.service, port=old.service.port))
-    if (new.metrics, new.agent_check) != (old.metrics, old.agent_check):
-        kept.append("[metrics] and [agent_check]")
-        new = dataclasses.replace(new, metrics=old.metrics, agent_check=old.agent_check)
+    """What a reload applies of ``new``: all of it but the sections and keys declared
+    ``restart=True`` (``[firewall]``, ``service.port``, ``[state]``, ``[metrics]``,
+    ``[agent_check]``), whose running values are kept; the note names those that differ
+    ("" when none does)."""
+    kept: list[str] = []
+    sections: dict[str, Any] = {}
+    for sec in dataclasses.fields(Config):
+        was, now = getattr(old, sec.name), getattr(new, sec.name)
+        if sec.metadata.get("restart"):
+            if now != was:
+                kept.append(f"[{sec.name}]")
+            sections[sec.name] = was
+            continue
+        if was is None or now is None:  # an optional section added or removed: all or nothing
+            sections[sec.name] = now
+            continue
+        keys = {f.name: getattr(was, f.name) for f in dataclasses.fields(now)
+                if f.metadata.get("restart") and getattr(now, f.name) != getattr(was, f.name)}
+        kept.extend(f"{sec.name}.{k}" for k in keys)
+        sections[sec.name] = dataclasses.replace(now, **keys) if keys else now
     if not kept:
         return new, ""
-    return new, f"these change on restart only; kept the running ones for {', '.join(kept)}"
+    return (dataclasses.replace(new, **sections),
+            f"these change on restart only; kept the running ones for {', '.join(kept)}")

@@ -15,15 +15,16 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from rules.firewall import Firewall
-from watcher.config import Config, for_reload
+from watcher.config import Config, LogLevel, for_reload
 from watcher.core import control
 from watcher.core.catalogue import Event
 from watcher.core.triggers import Source, Trigger
-from watcher.errors import EX_TEMPFAIL, AgentError
+from watcher.errors import AgentError, AlreadyRunning
 from watcher.outputs.logpipeline import Logging
 from watcher.outputs.notify import Notifier
 from watcher.outputs.publisher import Outputs
@@ -35,7 +36,11 @@ from watcher.sources.sock_diag import ListenerWatch, listening
 from watcher.statedir import ADMIN_FILE, StateDir
 from watcher.worker import FirewallWorker
 
-__all__ = ["Daemon"]
+__all__ = ["HANDLED_SIGNALS", "Daemon"]
+
+# Blocked by the composition root while the agent initialises, unblocked once handled (as
+# Knot Resolver's manager does): a SIGTERM during start-up is a stop, never a half-built death.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
 
 
 class Daemon:
@@ -65,13 +70,15 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per purpose, re-armed in place
         self._pidfd = ProcessWatch(self.emit, self.log)
         self._proc = ProcConnectorSource(self.emit, self.log)
+        self._reserved = contextlib.ExitStack()  # instance locks of state directories a reload named
+        self._reserved_dirs: set[Path] = {cfg.state.dir}
 
     # ------------------------------------------------------------------ the core and its actions
 
     def feed(self, inp: control.Input) -> None:
         """Hand ``inp`` to the control core and carry out what it returns, in order."""
         self._core, actions = control.step(self._core, inp, self._clock())
-        self._outputs.seen(inp, actions)
+        self._outputs.seen(actions)
         for act in actions:
             self._do(act)
 
@@ -85,14 +92,32 @@ class Daemon:
                 self._arm("retry", at, self.feed, control.RetryDue())
             case control.ReadAdminAt(at_ns=at):
                 self._arm("admin", at, self.emit, Trigger(Source.ADMIN, "timed block expired", at))
+            case control.StopBoundAt(at_ns=at):
+                self._arm("stop", at, self.feed, control.StopBound())
             case control.Log(level=level, event=event, fields=fields):
-                getattr(self.log, level)(event, **fields)
-            case control.Notify(what="ready"):
+                self._log(level, event, fields)
+            case control.Notify(what=control.NotifyKind.READY):
                 self._notify.ready()
-            case control.Notify(what="stopping"):
+            case control.Notify(what=control.NotifyKind.STOPPING):
                 self._notify.stopping()
-            case control.Exit(code=code):
+            case control.Exit(code=code, flush_ns=None):
                 self._finish(code)
+            case control.Exit(code=code, flush_ns=int(flush_ns)):
+                self._logging.flush(flush_ns / 1e9)
+                os._exit(code)
+            case control.Count() | control.Publish():
+                pass  # the outputs saw them
+
+    def _log(self, level: LogLevel, event: Event, fields: Mapping[str, Any]) -> None:
+        match level:
+            case LogLevel.DEBUG:
+                self.log.debug(event, **fields)
+            case LogLevel.INFO:
+                self.log.info(event, **fields)
+            case LogLevel.WARNING:
+                self.log.warning(event, **fields)
+            case LogLevel.ERROR:
+                self.log.error(event, **fields)
 
     def _arm(self, name: str, at_ns: int, callback: Callable[..., object], *args: object) -> None:
         """(Re)arm the timer called ``name`` for monotonic time ``at_ns``."""
@@ -190,40 +215,44 @@ class Daemon:
         except AgentError as exc:
             self.feed(control.Reloaded(None, self._config_path, error=str(exc)))
             return
+        self._reserve(new.state.dir)
         new, note = for_reload(self.cfg, new)
         self.cfg = self._outputs.cfg = new
-        self._state = StateDir(new.state.dir)
         self._stop_sources()
         self._start_sources()
         self.feed(control.Reloaded(control.Params.from_config(new), self._config_path, note=note))
         self.emit(Trigger(Source.SIGNAL, "SIGHUP", self._clock()))
 
-    def _on_term(self, signame: str) -> None:
-        if self._core.stop_at_ns is not None:  # a second SIGTERM/SIGINT: exit at once
-            self.log.warning(Event.AGENT_STOP, reason=f"second {signame}: exiting at once")
-            self._logging.flush(0.5)
-            os._exit(1)
-        self._stop_sources()
-        p = self._core.params
-        # The core's changes are bounded by their deadlines; this only guards the bound itself.
-        self._loop.call_later((p.stop_grace_ns + 1_000_000_000) / 1e9, self._finish, EX_TEMPFAIL,
-                              "stop bound passed")
-        self.feed(control.Stop(signame))
-
-    def _finish(self, code: int, why: str = "") -> None:
-        if self._exit.done():
+    def _reserve(self, path: Path) -> None:
+        """Also hold the instance lock of a state directory a reload named: the agent keeps its
+        own directory until restart, and no second agent may start on the configuration file's
+        new one and fight it for the chain."""
+        if path in self._reserved_dirs:
             return
-        if why:
-            self.log.error(Event.AGENT_STOP, reason=why, exit_code=code)
-        self._exit.set_result(code)
+        try:
+            self._reserved.enter_context(StateDir(path).lock(readers_s=0.1))
+        except (AlreadyRunning, OSError) as exc:
+            self.log.warning(Event.CONFIG_RELOAD, reason=f"state.dir {path} not reserved: {exc}")
+            return
+        self._reserved_dirs.add(path)
+
+    def _on_term(self, sig: signal.Signals) -> None:
+        self._stop_sources()
+        self.feed(control.Stop(sig.name, int(sig)))  # the core decides, also for a second one
+
+    def _finish(self, code: int) -> None:
+        if not self._exit.done():
+            self._exit.set_result(code)
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT and the core's exit; return its exit code."""
         loop = self._loop
-        for sig, arg in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
-            loop.add_signal_handler(sig, self._on_term, arg)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_term, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         loop.add_signal_handler(signal.SIGUSR1, self._logging.reopen)
+        # Handled from here on: what arrived while the agent initialised is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         self.log.info(Event.AGENT_START, pid_file=str(self.cfg.service.pid_file),
                       port=self.cfg.service.port, chain=self.cfg.firewall.chain,
                       backend=self._fw.backend.name)
@@ -246,6 +275,7 @@ class Daemon:
             self._stop_sources()
             self._pidfd.close()
             self._proc.close()
+            self._reserved.close()
         await self._outputs.close()
         self._worker.close(stuck=self._core.in_flight is not None)
         return code

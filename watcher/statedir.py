@@ -1,4 +1,10 @@
-"""The state directory: the admin block that survives restarts, and the running daemon's status.
+"""The state directory: the instance lock, the admin block that survives restarts, and the
+running daemon's status.
+
+The lock (an ``flock`` on ``agent.lock``, held for as long as ``run`` lives) is the one truth of
+"an agent runs here, with this PID": the CLI asks the lock (``StateDir.agent()``), never a
+command line or the status file, so a SIGKILLed daemon whose PID another process took is seen
+as gone.
 
 A timed admin block carries ``until``, an absolute UNIX time: it means the same after a daemon
 restart or a reboot, and once that time has come the record counts as no block anywhere.
@@ -13,26 +19,44 @@ user can read.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
 import stat
-import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from watcher.atomicfile import write_atomic
+from watcher.errors import AlreadyRunning
+
 __all__ = [
     "ADMIN_FILE",
     "DAEMON_FILE",
+    "LOCK_FILE",
     "AdminRecord",
+    "RunningAgent",
     "StateDir",
 ]
 
 ADMIN_FILE = "admin-block.json"
 DAEMON_FILE = "daemon.json"
+LOCK_FILE = "agent.lock"
 _MAX = 64 * 1024
+# A command that asks the lock holds it shared for a moment; a starting agent waits this long
+# for such a reader before it concludes that another agent holds the lock.
+LOCK_READERS_S = 2.0
+
+
+@dataclass(frozen=True)
+class RunningAgent:
+    """The agent that holds the state directory's lock; ``pid`` None while it has not yet
+    written its PID into the lock file (the instant after it took the lock)."""
+
+    pid: int | None
 
 
 @dataclass(frozen=True)
@@ -63,34 +87,60 @@ class StateDir:
         """Create the directory (mode 0700) if it is missing."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    @contextlib.contextmanager
+    def lock(self, readers_s: float = LOCK_READERS_S) -> Iterator[None]:
+        """Hold the instance lock for as long as the agent runs (creating the directory).
+
+        The state directory names the chain's owner: a second agent on it would fight the first
+        for the chain. Raises AlreadyRunning, naming the holder's PID, when another agent has
+        it; a command asking ``agent()`` holds it shared for a moment only, and is waited for
+        up to ``readers_s``.
+        """
+        self.ensure()
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            deadline = time.monotonic() + readers_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        holder = _pid_in(fd)
+                        raise AlreadyRunning(
+                            f"another sslvpn-heartbeat agent (pid {holder or 'unknown'}) is "
+                            f"running with state directory {self.path}; not started") from None
+                    time.sleep(0.01)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def agent(self) -> RunningAgent | None:
+        """The agent holding this directory's lock, or None when none does: asked of the lock
+        itself (a non-blocking shared attempt), never of a PID's command line. Creates nothing;
+        OSError other than an absent lock file (e.g. EACCES) is the caller's."""
+        try:
+            fd = os.open(self.path / LOCK_FILE,
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # no agent ever ran here
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return RunningAgent(_pid_in(fd))
+            return None  # free: released when fd closes
+        finally:
+            os.close(fd)
+
     def _write(self, name: str, data: dict[str, Any]) -> None:
         self.ensure()
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.path)
-        try:
-            self._own_like_dir(fd)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def _own_like_dir(self, fd: int) -> None:
-        """Give the open file the directory's owner and group, where this process may.
-
-        Root may always; an unprivileged writer (the daemon, writing ``daemon.json`` in its own
-        directory) already matches, or keeps its own ownership when the kernel refuses (EPERM).
-        """
-        want = os.stat(self.path)
-        have = os.fstat(fd)
-        if (have.st_uid, have.st_gid) == (want.st_uid, want.st_gid):
-            return
-        with contextlib.suppress(PermissionError):
-            os.fchown(fd, want.st_uid, want.st_gid)
+        text = json.dumps(data, sort_keys=True) + "\n"
+        write_atomic(self.path / name, text.encode(), mode=0o600, owner_like_dir=True,
+                     durable=True)
 
     def _read(self, name: str) -> dict[str, Any] | None:
         """The JSON object in ``name``; None when it is absent, not a regular file, unreadable
@@ -203,18 +253,19 @@ class StateDir:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path / DAEMON_FILE)
 
-    def daemon(self) -> dict[str, Any] | None:
-        """The running daemon's status, or None when none runs (a stale file is ignored)."""
+    def daemon(self, agent: RunningAgent) -> dict[str, Any]:
+        """What the running ``agent`` last published (health, mode, ...); {} when the status
+        file is absent or another process's (a killed agent's file, the holder not written yet)."""
         data = self._read(DAEMON_FILE)
-        if not data:
-            return None
-        pid = data.get("pid")
-        if not isinstance(pid, int) or pid <= 1:
-            return None
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        if b"watcher" not in cmdline and b"sslvpn-heartbeat" not in cmdline:
-            return None
+        if not data or agent.pid is None or data.get("pid") != agent.pid:
+            return {}
         return data
+
+
+def _pid_in(fd: int) -> int | None:
+    """The PID the lock's holder wrote into the lock file, or None if not (yet) one."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None

@@ -18,6 +18,7 @@ import pytest
 
 from tests.agent import child_env
 from tests.faults.bed import Bed, hold_lock, valid
+from tests.integration.test_daemon_notify import Receiver
 from tests.netns import Netns, legacy_path_dir
 
 pytestmark = pytest.mark.netns
@@ -186,3 +187,40 @@ def test_ip6tables_failing_once_at_start_up_does_not_drop_ipv6_for_good(
     bed.wait_both("blocked", 3.0)
     assert bed.alive()
     bed.agent.check_clean()
+
+
+def test_a_second_sigterm_during_a_held_lock_exits_143_at_once(netns: Netns, tmp_path: Path) -> None:
+    """Blocked, the xtables lock taken by another program, the service back (its unblock waits),
+    SIGTERM (STOPPING=1 seen), then a second SIGTERM: the agent exits 143 (128 + SIGTERM) within
+    a few seconds, not 1 ("unhealthy"), logs why at warning, and the chain stays whole."""
+    receiver = Receiver(tmp_path / "notify.sock")
+    lock = tmp_path / "xtables.lock"
+    with legacy_path_dir(tmp_path) as path:
+        env = {"PATH": path, "XTABLES_LOCKFILE": str(lock), "NOTIFY_SOCKET": str(receiver.path)}
+    try:
+        bed = Bed(netns, tmp_path, env=env, flavour="legacy",
+                  firewall={"backend": "restore", "lock_wait_s": 5.0})
+        bed.start_agent()
+        bed.svc.ctl("kill-core")
+        bed.wait_both("blocked")
+        mark = bed.agent.mark()
+        with hold_lock(lock):  # held until the agent is gone
+            bed.svc.ctl("start")
+            bed.agent.wait_event("service-up", 10.0, after=mark)  # its unblock waits for the lock
+            bed.agent.signal(signal.SIGTERM)
+            receiver.wait("STOPPING=1", 10.0)
+            t0 = time.monotonic()
+            bed.agent.signal(signal.SIGTERM)
+            rc = bed.agent.wait(10.0)
+            took = time.monotonic() - t0
+            views = [bed.view(family) for family in (4, 6)]
+        print(f"\nsecond SIGTERM: exit {rc} after {took:.2f} s")
+        assert rc == 128 + signal.SIGTERM, bed.agent.stderr()
+        stop = bed.agent.find("agent-stop", mark)
+        assert stop and stop[-1]["sslvpn_heartbeat.exit_code"] == 143, bed.agent.dump()
+        assert stop[-1]["log.level"] == "warning", stop[-1]
+        for view in views:
+            assert valid(view) and view.blocked, views
+        bed.agent.check_clean()
+    finally:
+        receiver.sock.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -142,3 +146,48 @@ def test_unblock_while_the_service_is_down_leaves_the_health_block(bed: AdminBed
     assert not bed.agent.find("firewall-unblock", mark), bed.agent.dump()
     assert chain_view(bed.ns).blocked and chain_view(bed.ns, 6).blocked
     bed.agent.check_clean()
+
+
+def _on_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``argv``, on ``pid`` if the kernel gives it back (ns_last_pid, a few tries: other
+    processes of the host may take it first); else on whatever PID it gets."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(5):
+        try:
+            last.write_text(str(pid - 1))
+        except OSError:
+            break
+        proc = subprocess.Popen(argv)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    return subprocess.Popen(argv)
+
+
+def test_unblock_after_the_daemon_was_killed_opens_even_if_its_pid_is_taken(bed: AdminBed) -> None:
+    """The daemon SIGKILLed while admin-blocked; a process whose command line says watcher and
+    sslvpn-heartbeat holds its PID (and its place in daemon.json): unblock asks the instance
+    lock, finds no agent, and opens the chain in both families; status says not running."""
+    bed.agent.start().wait_ready()
+    bed.cli("block", "--reason", "maintenance")
+    assert chain_view(bed.ns).blocked
+    dead = bed.agent.pid
+    bed.agent.signal(signal.SIGKILL)
+    assert bed.agent.wait(5.0) == -signal.SIGKILL
+    impostor = _on_pid(dead, [sys.executable, "-c", "import time; time.sleep(60)",
+                              "-m", "watcher", "run", "sslvpn-heartbeat"])
+    try:
+        daemon_json = bed.state / "daemon.json"
+        info = json.loads(daemon_json.read_text())
+        info["pid"] = impostor.pid  # the impostor holds the killed daemon's place
+        daemon_json.write_text(json.dumps(info))
+        print(f"\nkilled daemon pid {dead}, impostor pid {impostor.pid}")
+        assert b"watcher" in Path(f"/proc/{impostor.pid}/cmdline").read_bytes()
+        out, _ = bed.cli("unblock")
+        assert out.startswith("unblocked:"), out
+        assert chain_view(bed.ns).open and chain_view(bed.ns, 6).open
+        assert bed.status()["daemon"] is None
+    finally:
+        impostor.kill()
+        impostor.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -221,4 +222,69 @@ def test_a_second_agent_on_the_same_state_directory_exits_75_and_changes_nothing
     assert [netns.save(family) for family in (4, 6)] == before
     assert bed.agent.proc is not None and bed.agent.proc.poll() is None
     assert json.loads((bed.state / "daemon.json").read_text())["pid"] == bed.agent.pid
+    bed.agent.check_clean()
+
+
+def test_a_reload_cannot_move_the_instance_lock(netns: Netns, tmp_path: Path) -> None:
+    """SIGHUP with [state] dir changed: a second `run` on the new directory still exits 75
+    naming the running agent (which also holds the new directory's lock), and the reload
+    keeps the running directory with a warning naming [state]."""
+    bed = Bed(netns, tmp_path)
+    bed.agent.start().wait_ready()
+    moved = tmp_path / "moved-state"
+    bed.write(probe={"interval_s": EVENT_ONLY_INTERVAL_S}, state={"dir": str(moved)})
+    mark = bed.agent.mark()
+    bed.agent.signal(signal.SIGHUP)
+    bed.agent.wait_event("config-reload", 3.0, after=mark, path=str(bed.cfg))
+    (tmp_path / "second").mkdir()
+    second = Agent(netns, bed.cfg, tmp_path / "second")  # the rewritten config: the new directory
+    try:
+        rc = second.start().wait(15.0)
+    finally:
+        if second.proc is not None and second.proc.poll() is None:
+            second.stop()
+    assert rc == 75, second.stderr()
+    assert f"pid {bed.agent.pid}" in second.stderr(), second.stderr()
+    assert bed.agent.proc is not None and bed.agent.proc.poll() is None
+    warned = [e for e in bed.agent.find("config-reload", mark) if e["log.level"] == "warning"]
+    assert len(warned) == 1 and "[state]" in warned[0]["event.reason"], warned
+    assert json.loads((bed.state / "daemon.json").read_text())["pid"] == bed.agent.pid
+    assert not (moved / "daemon.json").exists()
+    bed.agent.check_clean()
+
+
+def _waiting_for_the_lock_with_sigterm_blocked(pid: int, lock: Path) -> bool:
+    """True while ``pid`` has ``lock`` open (it is in its initialisation, taking the instance
+    lock) and its main thread has SIGTERM blocked (SigBlk in /proc/PID/status)."""
+    try:
+        fds = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(ln.split()[1], 16) for ln in text.splitlines() if ln.startswith("SigBlk:"))
+    return str(lock) in fds and bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+def test_a_sigterm_while_the_daemon_initialises_is_a_stop_not_a_death(
+        netns: Netns, tmp_path: Path) -> None:
+    """A command holds the instance lock shared for a moment while the agent starts, so the
+    agent waits in its initialisation with SIGTERM blocked; a SIGTERM sent then is delivered
+    once the handlers are in place: the agent stops in order (agent-stop, exit 0), it is not
+    killed by the signal half-built."""
+    bed = Bed(netns, tmp_path)
+    bed.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(bed.state / "agent.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # as StateDir.agent() does, for a moment
+        bed.agent.start()
+        wait_for(lambda: _waiting_for_the_lock_with_sigterm_blocked(
+            bed.agent.pid, bed.state / "agent.lock"), 20.0, "init with SIGTERM blocked",
+            interval=0.001)
+        bed.agent.signal(signal.SIGTERM)
+    finally:
+        os.close(fd)  # the agent takes the lock now and goes on initialising
+    rc = bed.agent.wait(15.0)
+    assert rc == 0, (rc, bed.agent.stderr())
+    assert bed.agent.find("agent-stop"), bed.agent.dump()
+    assert not bed.agent.find("agent-ready")  # it stopped before its first decision
     bed.agent.check_clean()

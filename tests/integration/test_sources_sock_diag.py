@@ -55,6 +55,47 @@ class _Log:
                                          file=sys.stderr)
 
 
+class _CountingSocket:
+    """The watch's netlink socket, seen from outside: counts the datagrams read from it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.datagrams = 0
+
+    def recv(self, size: int) -> bytes:
+        data = self.sock.recv(size)
+        self.datagrams += 1
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+class CountedWatch(ListenerWatch):
+    """A ListenerWatch whose wakeups (reader callbacks) and datagrams a test can count: the
+    shipped class carries no counters of its own."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wakeups = 0
+        self._counter: _CountingSocket | None = None
+
+    @property
+    def datagrams(self) -> int:
+        """Datagrams read from the destroy socket so far."""
+        return 0 if self._counter is None else self._counter.datagrams
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().attach(loop)
+        if self._sock is not None:  # the reader reads self._sock at each wakeup
+            self._counter = _CountingSocket(self._sock)
+            self._sock = self._counter  # type: ignore[assignment]  # a counting stand-in
+
+    def _on_readable(self) -> None:
+        self.wakeups += 1
+        super()._on_readable()
+
+
 async def _next(queue: asyncio.Queue[Trigger]) -> Trigger:
     return await asyncio.wait_for(queue.get(), 5)
 
@@ -192,9 +233,9 @@ async def _scenario_traffic(connections: str) -> dict[str, Any]:
             return lambda event, **kw: self.into.append((level, event))
 
     # The filtered watch gets the kernel's smallest buffer: the traffic must not overrun it.
-    watch = ListenerWatch(PORT, mine.append, Log(lines), rcvbuf=1)
-    plain = ListenerWatch(PORT, theirs.append, Log(plain_lines), rcvbuf=4 << 20,
-                          kernel_filter=False)
+    watch = CountedWatch(PORT, mine.append, Log(lines), rcvbuf=1)
+    plain = CountedWatch(PORT, theirs.append, Log(plain_lines), rcvbuf=4 << 20,
+                         kernel_filter=False)
     # A third subscriber, read here, tells when the kernel has sent every destroy of the load.
     counter = open_netlink(NETLINK_SOCK_DIAG, sock_type=socket.SOCK_RAW,
                            groups=(SKNLGRP_INET_TCP_DESTROY, SKNLGRP_INET6_TCP_DESTROY))

@@ -8,13 +8,24 @@ import socket
 from hypothesis import given
 from hypothesis import strategies as st
 
-from watcher.outputs.agentcheck import MAX_REASON, AgentCheck, Status, answer, sanitize
+from rules.model import Mode
+from watcher.core.control import AdminBlock, Health
+from watcher.core.control import Status as CoreStatus
+from watcher.outputs.agentcheck import MAX_REASON, AgentCheck, answer, sanitize
 
 _HAPROXY_WORDS = {"up", "down", "ready", "drain", "maint", "100%"}
 
+
+def Status(health: str = "starting", admin: bool = False, drain: bool = False,
+           admin_reason: str = "", failure: str = "", mode: Mode | None = None) -> CoreStatus:
+    """The core's status with these facts (a test shorthand: flags instead of an AdminBlock)."""
+    return CoreStatus(Health(health), mode, AdminBlock(drain, admin_reason) if admin else None,
+                      failure)
+
+
 statuses = st.builds(Status, health=st.sampled_from(["starting", "up", "down"]),
                      admin=st.booleans(), drain=st.booleans(), admin_reason=st.text(max_size=400),
-                     failure=st.text(max_size=400))
+                     failure=st.text(max_size=400), mode=st.none() | st.sampled_from(Mode))
 
 
 def test_the_four_states_give_haproxy_the_documented_words() -> None:
@@ -29,7 +40,7 @@ def test_the_four_states_give_haproxy_the_documented_words() -> None:
 
 
 @given(statuses)
-def test_every_answer_is_one_bounded_printable_ascii_line(s: Status) -> None:
+def test_every_answer_is_one_bounded_printable_ascii_line(s: CoreStatus) -> None:
     """Whatever the reasons hold, the answer is one line of printable ASCII under 200 bytes."""
     line = answer(s)
     assert line.endswith("\n") and "\n" not in line[:-1]
@@ -38,13 +49,13 @@ def test_every_answer_is_one_bounded_printable_ascii_line(s: Status) -> None:
 
 
 @given(statuses)
-def test_the_words_before_the_reason_match_the_state(s: Status) -> None:
+def test_the_words_before_the_reason_match_the_state(s: CoreStatus) -> None:
     """The words HAProxy acts on (before "#") follow from health and admin block alone."""
     words = answer(s).split("#", 1)[0].split()
     assert set(words) <= _HAPROXY_WORDS
-    if s.admin and not s.drain:
+    if s.admin is not None and not s.admin.drain:
         assert words == ["maint"]
-    elif s.admin:
+    elif s.admin is not None:
         assert words == ["up" if s.health == "up" else "down", "drain"]
     elif s.health == "up":
         assert words == ["up", "ready", "100%"]

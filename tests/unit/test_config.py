@@ -14,14 +14,20 @@ from hypothesis import strategies as st
 
 from watcher.config import (
     MAX_CONFIG_BYTES,
+    SCHEMA,
     AgentCheckConfig,
+    Backend,
     Config,
     FirewallConfig,
     LogConfig,
+    LogFormat,
+    LogLevel,
     MetricsConfig,
+    OnExit,
     ProbeConfig,
     ServiceConfig,
     StateConfig,
+    for_reload,
     load_config,
     parse_config,
 )
@@ -498,3 +504,123 @@ def test_service_name_must_be_nonempty_ascii(name: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config({"service": {"name": name}})
     assert err.value.key == "service.name"
+
+
+# ---- each key declared once; what a reload keeps ----
+
+RESTART_ONLY = {"firewall.chain", "firewall.backend", "firewall.ipv6", "firewall.on_exit",
+                "firewall.reject_with", "firewall.lock_wait_s", "service.port", "state.dir",
+                "metrics.textfile", "agent_check.listen"}
+
+
+def _changed(key: str) -> Config:
+    """Config() with ``key`` set to a good value other than its default."""
+    section, name = key.split(".")
+    default = getattr(getattr(Config(), section), name)
+    value = next(v for v in GOOD[key] if (Path(v) if isinstance(default, Path) else v) != default)
+    return parse_config(_nested(key, value))
+
+
+def test_schema_is_read_from_the_dataclasses() -> None:
+    """SCHEMA lists exactly the dataclasses' sections and fields, each with its own check."""
+    assert list(SCHEMA) == list(SECTIONS)
+    for section, (cls, checks) in SCHEMA.items():
+        assert cls is SECTIONS[section]
+        assert list(checks) == [f.name for f in dataclasses.fields(cls)]
+        assert all(callable(c) for c in checks.values())
+
+
+def test_every_default_passes_its_own_check() -> None:
+    """Each key's declared default is a value its declared check accepts unchanged."""
+    for section, (cls, checks) in SCHEMA.items():
+        for name, check in checks.items():
+            default = getattr(cls(), name)
+            raw = str(default) if isinstance(default, Path) else default
+            assert check(f"{section}.{name}", raw) == default
+
+
+def test_choices_are_the_enums_values() -> None:
+    """backend, on_exit, log.format and log.level accept exactly their enum's values."""
+    for key, enum_cls in (("firewall.backend", Backend), ("firewall.on_exit", OnExit),
+                          ("log.format", LogFormat), ("log.level", LogLevel)):
+        assert sorted(GOOD[key]) == sorted(m.value for m in enum_cls)
+        for member in enum_cls:
+            section, name = key.split(".")
+            assert getattr(getattr(parse_config(_nested(key, member.value)), section), name) is member
+
+
+def test_for_reload_of_the_same_config_changes_nothing() -> None:
+    """A reload to an equal configuration applies it and notes nothing."""
+    assert for_reload(Config(), Config()) == (Config(), "")
+
+
+@pytest.mark.parametrize("key", ALL_KEYS)
+def test_for_reload_keeps_restart_only_keys_and_applies_the_rest(key: str) -> None:
+    """A changed restart-only key (or one of a restart-only section) keeps its running value and
+    the note names it; any other changed key is applied without a note."""
+    new = _changed(key)
+    got, note = for_reload(Config(), new)
+    if key in RESTART_ONLY:
+        assert got == Config()
+        section = key.split(".")[0]
+        assert (f"[{section}]" in note) or (key in note), note
+        assert note.startswith("these change on restart only")
+    else:
+        assert got == new
+        assert note == ""
+
+
+def test_for_reload_keeps_the_state_directory() -> None:
+    """[state] dir never moves on a reload: the instance lock stays where the agent took it."""
+    old = Config()
+    new = parse_config({"state": {"dir": "/elsewhere/state"}, "probe": {"rise": 5}})
+    got, note = for_reload(old, new)
+    assert got.state == old.state
+    assert got.probe.rise == 5
+    assert "[state]" in note
+
+
+@given(_valid_configs, _valid_configs)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_for_reload_property(old: Config, new: Config) -> None:
+    """For any two valid configs: restart-only keys come from the old one, every other key from
+    the new one, and the note is empty exactly when no restart-only key differs."""
+    got, note = for_reload(old, new)
+    differs = False
+    for key in ALL_KEYS:
+        section, name = key.split(".")
+        g, o, n = (getattr(getattr(c, section), name) for c in (got, old, new))
+        if key in RESTART_ONLY:
+            assert g == o
+            differs |= o != n
+        else:
+            assert g == n
+    assert (note != "") == differs
+
+
+def test_key_factory_and_optional_section_carry_their_declarations() -> None:
+    """key_factory computes its default per instance and keeps its check; optional_section is
+    None by default and names its dataclass (what SCHEMA and parse_config read)."""
+    from dataclasses import dataclass
+
+    from watcher.config import key_factory, optional_section
+
+    calls: list[int] = []
+
+    def make() -> str:
+        calls.append(1)
+        return f"host{len(calls)}"
+
+    @dataclass(frozen=True)
+    class Extra:
+        member: str = key_factory(make, lambda k, v: v, restart=True)
+
+    @dataclass(frozen=True)
+    class Holder:
+        extra: Extra | None = optional_section(Extra)
+
+    assert (Extra().member, Extra().member) == ("host1", "host2")
+    (member,) = dataclasses.fields(Extra)
+    assert member.metadata["restart"] and member.metadata["check"]("k", "v") == "v"
+    (extra,) = dataclasses.fields(Holder)
+    assert Holder().extra is None and extra.metadata["cls"] is Extra

@@ -12,17 +12,19 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from rules.model import Mode
-from watcher.config import Config, FirewallConfig, ProbeConfig
+from watcher.config import Config, FirewallConfig, LogLevel, ProbeConfig
 from watcher.core import control
 from watcher.core.control import (
     AdminBlock,
     AdminRead,
     Applied,
     ApplyFailed,
+    Count,
     Exit,
     Health,
     Log,
     Notify,
+    NotifyKind,
     Params,
     ProbeAt,
     Probed,
@@ -33,6 +35,9 @@ from watcher.core.control import (
     SetFirewall,
     State,
     Stop,
+    StopBound,
+    StopBoundAt,
+    Tally,
     Tick,
     desired_mode,
     initial,
@@ -84,6 +89,11 @@ def test_params_from_config() -> None:
     p = Params.from_config(cfg)
     assert (p.rise, p.fall, p.rise_interval_ns, p.on_exit) == (4, 3, 125 * MS, "keep")
     assert p.attempt_ns == 3_000_000_000
+
+
+def test_params_defaults_are_the_configurations() -> None:
+    """Params() holds the configuration's defaults, read from watcher.config, not repeated."""
+    assert Params() == Params.from_config(Config())
 
 
 def test_params_reject_nonsense() -> None:
@@ -223,6 +233,72 @@ def test_latency_runs_from_the_event_behind_the_wish() -> None:
     assert block.fields["event.duration"] == 3 * MS and block.fields["trigger"] == "pidfd"
 
 
+def counts(actions: tuple[control.Action, ...] | list[control.Action]) -> list[Count]:
+    """The Count actions, in order."""
+    return [a for a in actions if isinstance(a, Count)]
+
+
+def test_second_stop_exits_128_plus_its_signal_after_a_bounded_flush() -> None:
+    """A second SIGTERM while the on_exit change is out: Exit(143) at once, with a bounded log
+    flush, logged at warning; nothing after it."""
+    s, _ = settle(initial(P), probed(True))
+    s, acts = step(s, Stop("SIGTERM", 15), T0)
+    assert sets(acts) == [Mode.OPEN] and not any(isinstance(a, Exit) for a in acts)
+    s, acts = step(s, Stop("SIGTERM", 15), T0 + MS)
+    assert acts[-1] == Exit(143, flush_ns=P.abort_flush_ns) and 0 < P.abort_flush_ns <= 1_000 * MS
+    stop = next(a for a in acts if isinstance(a, Log))
+    assert stop.level is LogLevel.WARNING and stop.fields["exit_code"] == 143
+    assert step(s, OK, T0 + 2 * MS)[1] == ()
+    s2, _ = settle(initial(P), probed(True))
+    s2, _ = step(s2, Stop("SIGINT", 2), T0)
+    assert step(s2, Stop("SIGINT", 2), T0)[1][-1].code == 130  # type: ignore[union-attr]
+
+
+def test_stop_arms_its_bound_once_and_the_bound_exits_75() -> None:
+    """The first Stop asks for StopBound at grace + 1 s; when it comes with the on_exit change
+    still out, the core exits 75 (logged at error) and keeps the change recorded as in flight."""
+    s, _ = settle(initial(P), probed(True))
+    s, acts = step(s, Stop("SIGTERM"), T0)
+    assert [a for a in acts if isinstance(a, StopBoundAt)] == [
+        StopBoundAt(T0 + P.stop_grace_ns + 1_000 * MS)]
+    s, acts = step(s, StopBound(), T0 + P.stop_grace_ns + 1_000 * MS)
+    assert acts[-1] == Exit(75) and s.exited and s.in_flight is not None
+    assert next(a for a in acts if isinstance(a, Log)).level is LogLevel.ERROR
+
+
+def test_stop_bound_before_any_stop_is_ignored() -> None:
+    """A StopBound with no stop under way changes nothing."""
+    s, _ = settle(initial(P), probed(True))
+    assert step(s, StopBound(), T0) == (s, ())
+
+
+def test_what_the_metrics_count_is_decided_by_the_core() -> None:
+    """Start-up decisions are no failover; a kernel-proven block is, with its latency; each failed
+    probe, health transition after start, failed change and tick is counted once."""
+    s, acts = settle(initial(P), probed(True, Trigger(Source.STARTUP, "first probe", T0)))
+    assert counts(acts) == []
+    death = Trigger(Source.PIDFD, "exit pid 7", T0 + 5 * MS, Evidence.DEATH)
+    s, acts = step(s, probed(False, death), T0 + 6 * MS)
+    assert counts(acts) == [Count(Tally.PROBE_FAILED, check="connect"), Count(Tally.SERVICE_DOWN)]
+    s, acts = step(s, ApplyFailed("busy"), T0 + 7 * MS)
+    assert counts(acts) == [Count(Tally.APPLY_FAILED)]
+    s, acts = step(s, RetryDue(), T0 + 200 * MS)
+    s, acts = step(s, Applied(("ipv4",), 1, T0 + 208 * MS, MS), T0 + 209 * MS)
+    assert counts(acts) == [Count(Tally.FAILOVER, latency_ns=203 * MS)]
+    s, acts = step(s, Tick(HINT), T0 + 300 * MS)
+    assert Count(Tally.ALIVE) in counts(acts)
+
+
+def test_status_says_ready_once_the_kernel_holds_the_first_decision() -> None:
+    """Publish carries ready=False until the first change is applied, then ready=True: the
+    agent-check listener opens on the core's word."""
+    s, acts = step(initial(P), probed(True), T0)
+    assert all(not a.status.ready for a in acts if isinstance(a, Publish))
+    s, acts = step(s, OK, T0)
+    published = [a.status for a in acts if isinstance(a, Publish)]
+    assert published and published[-1].ready and Notify(NotifyKind.READY) in acts
+
+
 # --------------------------------------------------------------------- the state machine
 
 class Core(RuleBasedStateMachine):
@@ -238,11 +314,23 @@ class Core(RuleBasedStateMachine):
         self.exits = 0
         self.readies = 0
         self.applied_seen = False
+        self.bounds = 0
+        self.ready_published = False
 
     def feed(self, inp: control.Input) -> None:
         """Step the core, check each action against what the model knows."""
         before = self.s
         self.s, acts = step(self.s, inp, self.now)
+        stopping_again = isinstance(inp, Stop) and before.stop_at_ns is not None and not before.exited
+        if stopping_again:  # a second signal: exit at once, 128 + its number, flush bounded
+            assert isinstance(acts[-1], Exit) and acts[-1].code == 128 + inp.signum, acts
+            assert acts[-1].flush_ns is not None and 0 < acts[-1].flush_ns <= P.stop_grace_ns
+        if isinstance(inp, StopBound) and before.stop_at_ns is not None and not before.exited:
+            assert acts[-1] == Exit(75), acts
+        if isinstance(inp, Tick) and not before.exited:
+            assert counts(acts).count(Count(Tally.ALIVE)) == 1
+        if isinstance(inp, Probed) and not before.exited:
+            assert counts(acts).count(Count(Tally.PROBE_FAILED, check="c")) == (not inp.ok)
         if isinstance(inp, Applied | ApplyFailed):
             self.in_flight -= 1
             self.applied_seen |= isinstance(inp, Applied)
@@ -260,11 +348,25 @@ class Core(RuleBasedStateMachine):
                 self.retry_pending = True
             elif isinstance(a, Exit):
                 self.exits += 1
+                assert (a.flush_ns is not None) == stopping_again
             elif a == Notify("ready"):
                 self.readies += 1
                 assert self.applied_seen, "READY before the kernel held a decision"
             elif isinstance(a, Publish):
                 assert a.status.mode is self.s.applied
+                assert a.status.ready == self.s.ready
+                assert not a.status.ready or self.applied_seen
+                assert self.ready_published <= a.status.ready, "ready taken back"
+                self.ready_published = a.status.ready
+            elif isinstance(a, StopBoundAt):
+                self.bounds += 1
+                assert a.at_ns == self.now + P.stop_grace_ns + 1_000 * MS
+            elif isinstance(a, Log):
+                assert isinstance(a.level, LogLevel)
+            elif isinstance(a, Notify):
+                assert isinstance(a.what, NotifyKind)
+            elif isinstance(a, Count) and a.what is Tally.FAILOVER:
+                assert isinstance(inp, Applied) and a.latency_ns >= 0
         assert before.admin == self.s.admin or isinstance(inp, AdminRead)
 
     @rule(ok=st.booleans(), death=st.booleans(), dt=st.integers(0, 400 * MS))
@@ -298,10 +400,17 @@ class Core(RuleBasedStateMachine):
         """The safety-net timer."""
         self.feed(Tick(HINT))
 
-    @rule()
-    def stop(self) -> None:
-        """SIGTERM (maybe twice)."""
-        self.feed(Stop("SIGTERM"))
+    @rule(sig=st.sampled_from([("SIGTERM", 15), ("SIGINT", 2)]))
+    def stop(self, sig: tuple[str, int]) -> None:
+        """SIGTERM or SIGINT (maybe twice: the second exits at once)."""
+        self.feed(Stop(*sig))
+
+    @precondition(lambda self: self.s.stop_at_ns is not None)
+    @rule(dt=st.integers(0, 10_000 * MS))
+    def stop_bound(self, dt: int) -> None:
+        """The stop's outer bound passes (the timer the first Stop armed)."""
+        self.now += dt
+        self.feed(StopBound())
 
     @invariant()
     def settled_means_wanted(self) -> None:
@@ -313,8 +422,8 @@ class Core(RuleBasedStateMachine):
 
     @invariant()
     def one_exit_at_most_and_ready_once(self) -> None:
-        """Exit at most once; READY at most once."""
-        assert self.exits <= 1 and self.readies <= 1
+        """Exit at most once; READY at most once; the stop bound armed at most once."""
+        assert self.exits <= 1 and self.readies <= 1 and self.bounds <= 1
 
     def teardown(self) -> None:
         """Stop, answer every change: exactly one Exit."""

@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from watcher.outputs.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_atomic
+from rules.model import Mode
+from watcher.core.control import AdminBlock, Health, Status
+from watcher.outputs.metrics import LATENCY_BUCKETS_S, MODES, Metrics, Snapshot, render, write_textfile
 
 
 def _samples(data: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -29,7 +31,7 @@ def _v(data: bytes, name: str, **labels: str) -> float:
 
 def test_render_names_every_metric_of_the_contract() -> None:
     """The rendering holds every metric the issue names, with the documented labels."""
-    data = render(Snapshot(version="1.2.3", health="up", mode="open"))
+    data = render(Snapshot(version="1.2.3", status=Status(Health.UP, Mode.OPEN, None, "")))
     names = {n for n, _ in _samples(data)}
     assert {"sslvpn_heartbeat_up", "sslvpn_heartbeat_service_healthy",
             "sslvpn_heartbeat_chain_mode", "sslvpn_heartbeat_admin_block",
@@ -48,7 +50,9 @@ def test_render_names_every_metric_of_the_contract() -> None:
        mode=st.none() | st.sampled_from(MODES), admin=st.booleans(), up=st.booleans())
 def test_gauges_follow_the_snapshot(health: str, mode: str | None, admin: bool, up: bool) -> None:
     """up, service_healthy, admin_block and exactly one chain_mode (none if unknown) are 0/1."""
-    data = render(Snapshot(version="v", up=up, health=health, mode=mode, admin=admin))
+    status = Status(Health(health), None if mode is None else Mode(mode),
+                    AdminBlock(False, "") if admin else None, "")
+    data = render(Snapshot(version="v", up=up, status=status))
     assert _v(data, "sslvpn_heartbeat_up") == int(up)
     assert _v(data, "sslvpn_heartbeat_service_healthy") == int(health == "up")
     assert _v(data, "sslvpn_heartbeat_admin_block") == int(admin)
@@ -175,13 +179,13 @@ def test_a_failing_disk_is_reported_once_then_recovery_once(tmp_path: Path) -> N
     assert _v(target.read_bytes(), "sslvpn_heartbeat_up") == 0
 
 
-def test_write_atomic_replaces_with_mode_0644_whatever_the_umask(tmp_path: Path) -> None:
+def test_write_textfile_replaces_with_mode_0644_whatever_the_umask(tmp_path: Path) -> None:
     """The file is world-readable under umask 077 and no temporary file is left behind."""
     target = tmp_path / "m.prom"
     target.write_text("old")
     old = os.umask(0o077)
     try:
-        write_atomic(target, b"new\n")
+        write_textfile(target, b"new\n")
     finally:
         os.umask(old)
     assert target.read_bytes() == b"new\n"
@@ -189,11 +193,13 @@ def test_write_atomic_replaces_with_mode_0644_whatever_the_umask(tmp_path: Path)
     assert os.listdir(tmp_path) == ["m.prom"]
 
 
-def test_write_atomic_never_follows_a_planted_temporary_symlink(tmp_path: Path) -> None:
-    """A symlink where the temporary file goes makes the write fail, the link target untouched."""
+def test_write_textfile_never_follows_a_planted_temporary_symlink(tmp_path: Path) -> None:
+    """Symlinks planted where a predictable temporary file would go are never followed: the
+    write goes through a fresh file, the links' target untouched."""
     victim = tmp_path / "victim"
     victim.write_text("keep")
-    (tmp_path / f".m.prom.{os.getpid()}.tmp").symlink_to(victim)
-    with pytest.raises(OSError):
-        write_atomic(tmp_path / "m.prom", b"x")
+    for name in (f".m.prom.{os.getpid()}.tmp", ".m.prom.tmp", ".m.prom"):
+        (tmp_path / name).symlink_to(victim)
+    write_textfile(tmp_path / "m.prom", b"x")
     assert victim.read_text() == "keep"
+    assert (tmp_path / "m.prom").read_bytes() == b"x" and not (tmp_path / "m.prom").is_symlink()

@@ -23,7 +23,7 @@ from rules.plan import foreign_conflict
 from watcher import __version__
 from watcher.app import build_firewall
 from watcher.cli.duration import DurationError, format_duration, parse_duration
-from watcher.config import DEFAULT_CONFIG_PATH, Config, load_config
+from watcher.config import DEFAULT_CONFIG_PATH, Config, LogFormat, load_config
 from watcher.core.catalogue import Event
 from watcher.errors import (
     EX_CONFIG,
@@ -119,7 +119,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     expired = _expire_admin(sd, log)
     now = time.time()
     admin = sd.admin(now)
-    daemon = sd.daemon()
+    agent = sd.agent()
+    daemon = None if agent is None else {**sd.daemon(agent), "pid": agent.pid}
     established = _established(cfg.service.port)
     report: dict[str, Any] = {
         "chain": cfg.firewall.chain,
@@ -205,7 +206,7 @@ def cmd_block(args: argparse.Namespace) -> int:
     what = "new connections to" if args.drain else "connections to"
     timed = "" if rec.until is None or seconds is None else \
         f"; lifts itself at {_iso(rec.until)} (in {format_duration(seconds)})"
-    if timed and sd.daemon() is None:
+    if timed and sd.agent() is None:
         timed += "; no daemon runs now: after that the chain opens at its start or with unblock"
     # With --wait, stdout carries the progress only (JSON lines when it is not a terminal).
     print(f"blocked: {what} port {cfg.service.port} are rejected "
@@ -253,15 +254,15 @@ def cmd_unblock(args: argparse.Namespace) -> int:
     fw.check_ownership()  # a foreign chain: exit 78, the record kept, even with a daemon running
     sd = StateDir(cfg.state.dir)
     _expire_admin(sd, log)
-    daemon = sd.daemon()
-    if daemon is None:
+    agent = sd.agent()  # the instance lock says whether a daemon runs, never a command line
+    if agent is None:
         # No daemon to hand the chain to: open it, and only then drop the record (an open
         # that iptables refused keeps the block recorded, as the kernel still holds it).
         fw.ensure(Mode.OPEN)
     had = sd.clear_admin()
-    log.info(Event.ADMIN_UNBLOCK, trigger="admin", had_block=had, daemon_running=daemon is not None)
-    if daemon is not None:
-        print(f"admin block lifted; the daemon (pid {daemon.get('pid')}) now sets the chain "
+    log.info(Event.ADMIN_UNBLOCK, trigger="admin", had_block=had, daemon_running=agent is not None)
+    if agent is not None:
+        print(f"admin block lifted; the daemon (pid {agent.pid or 'unknown'}) now sets the chain "
               "from the service's health")
         return EX_OK
     print(f"unblocked: port {cfg.service.port} accepts connections (chain {cfg.firewall.chain} empty)")
@@ -360,6 +361,11 @@ def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
     except OSError as exc:
         return nagios.unknown(f"cannot read the state directory {sd.path}: {exc.strerror}; "
                               "run the check as root or as the agent's user")
+    try:
+        agent = sd.agent()
+    except OSError as exc:
+        return nagios.unknown(f"cannot read the instance lock in {sd.path}: {exc.strerror}; "
+                              "run the check as root or as the agent's user")
     prober = Prober(cfg.service, cfg.probe, own_pid=os.getpid(), listening=listening)
     result = asyncio.run(prober.probe())
     now = time.time()
@@ -367,7 +373,7 @@ def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
         service=cfg.service.name, port=cfg.service.port, healthy=result.ok,
         reason=result.reason, probe_s=result.duration_ns / 1e9,
         established=_established(cfg.service.port), admin=sd.admin(now),
-        daemon_running=sd.daemon() is not None, now=now)
+        daemon_running=agent is not None, now=now)
     return nagios.verdict(facts)
 
 
@@ -407,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     r = sub.add_parser("run", parents=[common], help="run the event-driven daemon in the foreground")
-    r.add_argument("--log-format", choices=("json", "console"), default=None,
+    r.add_argument("--log-format", choices=tuple(LogFormat), default=None,
                    help="log format (default: the config's; console when stdout is a terminal)")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("check", parents=[common], help="probe the service once; exit 0 healthy, 1 not")

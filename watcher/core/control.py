@@ -18,7 +18,12 @@ out the actions it returns, in order. The core owns:
   with the mode wanted at that moment.
 * **READY**: only once the kernel holds the first decision.
 * **stop**: waits for the change in flight, applies ``on_exit`` (an admin block is kept), and
-  ends in exactly one ``Exit``.
+  ends in exactly one ``Exit``; it arms its own outer bound (``StopBoundAt``: past it, exit 75
+  whatever is in flight), and a second signal exits at once with 128 + its number after a
+  bounded log flush.
+* **what the outputs show**: the one ``Status`` that the status file, STATUS=, the metrics and
+  the agent check render (``ready``: the agent check may answer), and what the metrics count
+  (``Count``: a failover is a new mode in effect after an event other than start-up).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from rules.model import Mode
-from watcher.config import Config
+from watcher.config import Config, LogLevel, OnExit
 from watcher.core.catalogue import Event
-from watcher.core.triggers import Evidence, Trigger
+from watcher.core.triggers import Evidence, Source, Trigger
+from watcher.errors import EX_OK, EX_TEMPFAIL
 
 __all__ = [
     "Action",
@@ -39,11 +45,13 @@ __all__ = [
     "AdminRead",
     "Applied",
     "ApplyFailed",
+    "Count",
     "Exit",
     "Health",
     "Input",
     "Log",
     "Notify",
+    "NotifyKind",
     "Params",
     "ProbeAt",
     "Probed",
@@ -57,6 +65,9 @@ __all__ = [
     "State",
     "Status",
     "Stop",
+    "StopBound",
+    "StopBoundAt",
+    "Tally",
     "Tick",
     "desired_mode",
     "initial",
@@ -64,9 +75,13 @@ __all__ = [
     "step",
 ]
 
-EX_OK = 0
-EX_TEMPFAIL = 75
 _S = 1_000_000_000
+_DEFAULT = Config()  # the defaults are the configuration's, declared once in watcher.config
+
+
+def _attempt_ns(lock_wait_s: float) -> int:
+    """The bound on one firewall change: the xtables lock wait plus a second for the commands."""
+    return int((lock_wait_s + 1.0) * _S)
 
 
 class Health(enum.StrEnum):
@@ -81,20 +96,22 @@ class Health(enum.StrEnum):
 class Params:
     """Thresholds and bounds of the core, in nanoseconds where they are times."""
 
-    rise: int = 2
-    fall: int = 2
-    rise_interval_ns: int = 250_000_000
-    on_exit: str = "open"  # open | keep | remove
-    attempt_ns: int = 6 * _S  # bound on one firewall change (lock wait plus the commands)
+    rise: int = _DEFAULT.probe.rise
+    fall: int = _DEFAULT.probe.fall
+    rise_interval_ns: int = _DEFAULT.probe.rise_interval_ms * 1_000_000
+    on_exit: OnExit = _DEFAULT.firewall.on_exit
+    attempt_ns: int = _attempt_ns(_DEFAULT.firewall.lock_wait_s)
     stop_grace_ns: int = 8 * _S  # SIGTERM to exit, whatever the xtables lock does
+    abort_flush_ns: int = 500_000_000  # a second SIGTERM: how long the log may take to flush
     retry_min_ns: int = 100_000_000
     retry_max_ns: int = 5 * _S
 
     def __post_init__(self) -> None:
         if self.rise < 1 or self.fall < 1 or self.rise_interval_ns < 0:
             raise ValueError(f"invalid health parameters: {self!r}")
-        if self.on_exit not in ("open", "keep", "remove"):
+        if self.on_exit not in tuple(OnExit):
             raise ValueError(f"invalid on_exit: {self.on_exit!r}")
+        object.__setattr__(self, "on_exit", OnExit(self.on_exit))  # a plain string becomes one
 
     @classmethod
     def from_config(cls, cfg: Config) -> Params:
@@ -102,7 +119,7 @@ class Params:
         return cls(rise=cfg.probe.rise, fall=cfg.probe.fall,
                    rise_interval_ns=cfg.probe.rise_interval_ms * 1_000_000,
                    on_exit=cfg.firewall.on_exit,
-                   attempt_ns=int((cfg.firewall.lock_wait_s + 1.0) * _S))
+                   attempt_ns=_attempt_ns(cfg.firewall.lock_wait_s))
 
 
 @dataclass(frozen=True)
@@ -220,12 +237,19 @@ class Reloaded:
 
 @dataclass(frozen=True)
 class Stop:
-    """SIGTERM or SIGINT."""
+    """SIGTERM or SIGINT (``signum``: its number, for the exit code of a second one)."""
 
     signame: str
+    signum: int = 15
 
 
-Input = Probed | AdminRead | Applied | ApplyFailed | RetryDue | Tick | Reloaded | Stop
+@dataclass(frozen=True)
+class StopBound:
+    """The bound a ``StopBoundAt`` set has passed: whatever is in flight, the agent ends."""
+
+
+Input = (Probed | AdminRead | Applied | ApplyFailed | RetryDue | Tick | Reloaded | Stop
+         | StopBound)
 
 
 # ------------------------------------------------------------------------------------ actions
@@ -270,22 +294,52 @@ class ReadAdminAt:
 
 
 @dataclass(frozen=True)
+class StopBoundAt:
+    """Feed ``StopBound`` at ``at_ns``: the stop's outer bound (the changes have their own)."""
+
+    at_ns: int
+
+
+@dataclass(frozen=True)
 class Log:
     """Log ``event`` at ``level`` with ``fields``."""
 
-    level: str
+    level: LogLevel
     event: Event
     fields: Mapping[str, Any] = field(default_factory=dict)
 
 
+class Tally(enum.StrEnum):
+    """What the metrics count; the core decides when each happened."""
+
+    SERVICE_DOWN = "down"  # a health transition UP -> DOWN (not the first decision)
+    SERVICE_UP = "up"  # DOWN -> UP
+    FAILOVER = "failover"  # a new mode took effect after a kernel or admin event (not start-up)
+    PROBE_FAILED = "probe-failed"
+    APPLY_FAILED = "apply-failed"
+    ALIVE = "alive"  # the safety-net tick: the agent lives (the metrics file is rewritten)
+
+
+@dataclass(frozen=True)
+class Count:
+    """Count ``what`` in the metrics; ``latency_ns``: a failover's, from the event to the rule
+    in effect; ``check``: the probe check that failed."""
+
+    what: Tally
+    latency_ns: int = 0
+    check: str = ""
+
+
 @dataclass(frozen=True)
 class Status:
-    """What the agent believes now: for the status file, sd_notify STATUS, metrics, agent check."""
+    """What the agent believes now: the one value the status file, sd_notify STATUS, the
+    metrics and the agent check all render from."""
 
     health: Health
     mode: Mode | None
     admin: AdminBlock | None
     reason: str  # the last probe failure, "" when the last probe passed
+    ready: bool = False  # the kernel holds the first decision: the agent check may answer
 
 
 @dataclass(frozen=True)
@@ -295,22 +349,31 @@ class Publish:
     status: Status
 
 
+class NotifyKind(enum.StrEnum):
+    """What the service manager is told."""
+
+    READY = "ready"
+    STOPPING = "stopping"
+
+
 @dataclass(frozen=True)
 class Notify:
-    """Tell the service manager: ``ready`` or ``stopping``."""
+    """Tell the service manager ``what``."""
 
-    what: str
+    what: NotifyKind
 
 
 @dataclass(frozen=True)
 class Exit:
-    """End the process with ``code``."""
+    """End the process with ``code``; ``flush_ns`` set: at once, after flushing the log for at
+    most that long (nothing else is waited for)."""
 
     code: int
+    flush_ns: int | None = None
 
 
-Action = (SetFirewall | RemoveChain | ProbeAt | RetryAt | ReadAdminAt | Log | Publish | Notify
-          | Exit)
+Action = (SetFirewall | RemoveChain | ProbeAt | RetryAt | ReadAdminAt | StopBoundAt | Log
+          | Count | Publish | Notify | Exit)
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -340,7 +403,7 @@ def desired_mode(s: State) -> Mode | None:
 
 
 def _status(s: State) -> Status:
-    return Status(s.health, s.applied, s.admin, s.last_failure)
+    return Status(s.health, s.applied, s.admin, s.last_failure, s.ready)
 
 
 def _trig(t: Trigger | None) -> dict[str, Any]:
@@ -390,8 +453,10 @@ _TRANSITION = {(Health.STARTING, Health.UP): Event.SERVICE_INITIAL_UP,
 
 
 def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
+    if not i.ok:
+        out.append(Count(Tally.PROBE_FAILED, check=i.check))
     if not i.ok and i.reason != s.last_failure:
-        out.append(Log("info", Event.PROBE_FAILED, {"reason": i.reason, "check": i.check,
+        out.append(Log(LogLevel.INFO, Event.PROBE_FAILED, {"reason": i.reason, "check": i.check,
                                                 **_trig(i.trigger)}))
     death = i.proves_death or i.trigger.evidence is Evidence.DEATH
     before = desired_mode(s)
@@ -402,9 +467,10 @@ def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
         (nxt, reason), again = _on_fail(s, i.reason, death), None
         nxt = replace(nxt, last_failure=i.reason)
     if nxt.health is not s.health:
-        out.append(Log("info", _TRANSITION[s.health, nxt.health], {
-            "reason": reason, **_trig(i.trigger),
-                                      "health.state": nxt.health.value}))
+        out.append(Log(LogLevel.INFO, _TRANSITION[s.health, nxt.health], {
+            "reason": reason, **_trig(i.trigger), "health.state": nxt.health.value}))
+        if s.health is not Health.STARTING:
+            out.append(Count(Tally.SERVICE_UP if nxt.health is Health.UP else Tally.SERVICE_DOWN))
     if desired_mode(nxt) is not before:
         nxt = _want(nxt, i.trigger, reason or i.reason, i.duration_ns)
     if again is not None:
@@ -417,19 +483,19 @@ def _admin(s: State, i: AdminRead, out: list[Action]) -> State:
         out.append(ReadAdminAt(i.expires_at_ns))
     if i.block == s.admin:
         if i.expired is not None:  # ended before it was honoured here (no agent was running)
-            out.append(Log("info", Event.ADMIN_UNBLOCK, {"reason": "expired", "until": i.expired,
+            out.append(Log(LogLevel.INFO, Event.ADMIN_UNBLOCK, {"reason": "expired", "until": i.expired,
                                                      **_trig(i.trigger)}))
         return s
     nxt = replace(s, admin=i.block)
     if i.block is not None:
-        out.append(Log("info", Event.ADMIN_BLOCK, {"reason": i.block.reason, "drain": i.block.drain,
+        out.append(Log(LogLevel.INFO, Event.ADMIN_BLOCK, {"reason": i.block.reason, "drain": i.block.drain,
                                                **_trig(i.trigger)}))
         why = f"admin: {i.block.reason}" if i.block.reason else "admin"
     else:
         until = None if s.admin is None else s.admin.until
         ended = i.expired is not None or (until is not None and i.wall >= until)
         reason = "expired" if ended else "lifted"
-        out.append(Log("info", Event.ADMIN_UNBLOCK, {"reason": reason, "until": until,
+        out.append(Log(LogLevel.INFO, Event.ADMIN_UNBLOCK, {"reason": reason, "until": until,
                                                  **_trig(i.trigger)}))
         why = f"admin block {reason}"
     if desired_mode(nxt) is not desired_mode(s):
@@ -454,18 +520,20 @@ def _applied(s: State, i: Applied, out: list[Action]) -> State:
             latency = (i.committed_ns or 0) - c.cause.monotonic_ns
             if i.committed_ns is not None and latency >= 0:
                 fields |= {"latency_ms": round(latency / 1e6, 3), "event.duration": latency}
+                if c.cause.source is not Source.STARTUP:  # a start-up decision is no failover
+                    out.append(Count(Tally.FAILOVER, latency_ns=latency))
         if c.probe_ns is not None:
             fields["probe_ms"] = round(c.probe_ns / 1e6, 3)
         fields["apply_ms"] = round(i.duration_ns / 1e6, 3)
-        out.append(Log("info", _ACTION[c.mode], fields))
+        out.append(Log(LogLevel.INFO, _ACTION[c.mode], fields))
     elif i.changed:
-        out.append(Log("warning", Event.FIREWALL_REPAIR, {
+        out.append(Log(LogLevel.WARNING, Event.FIREWALL_REPAIR, {
             **_trig(c.cause), "mode": str(c.mode), "families": list(i.changed),
             "reason": "chain or jump changed by someone else; restored"}))
     if not nxt.ready:
         nxt = replace(nxt, ready=True)
-        out.append(Notify("ready"))
-        out.append(Log("info", Event.AGENT_READY, {"mode": str(c.mode),
+        out.append(Notify(NotifyKind.READY))
+        out.append(Log(LogLevel.INFO, Event.AGENT_READY, {"mode": str(c.mode),
                                                "health.state": nxt.health.value}))
     return nxt
 
@@ -477,16 +545,17 @@ def _failed(s: State, i: ApplyFailed, now: int, out: list[Action]) -> State:
     # A failed change changed nothing, but what the kernel held before is no longer known for
     # sure (someone may have changed it): the retry plans from a fresh read.
     nxt = replace(s, in_flight=None, applied=None, failures=s.failures + 1)
+    out.append(Count(Tally.APPLY_FAILED))
     if c.final:
-        out.append(Log("error", Event.APPLY_FAILED, {"reason": f"on_exit={s.params.on_exit}: "
+        out.append(Log(LogLevel.ERROR, Event.APPLY_FAILED, {"reason": f"on_exit={s.params.on_exit}: "
                                                  f"{i.reason}", "mode": what}))
         return _exit(nxt, EX_TEMPFAIL, out)
     if i.fatal is not None:
-        out.append(Log("error", Event.APPLY_FAILED, {"reason": i.reason, "mode": what, "fatal": True}))
+        out.append(Log(LogLevel.ERROR, Event.APPLY_FAILED, {"reason": i.reason, "mode": what, "fatal": True}))
         return _exit(nxt, i.fatal, out)
     p = s.params
     delay = min(p.retry_max_ns, p.retry_min_ns << min(nxt.failures - 1, 40))
-    out.append(Log("error", Event.APPLY_FAILED, {"reason": i.reason, "mode": what,
+    out.append(Log(LogLevel.ERROR, Event.APPLY_FAILED, {"reason": i.reason, "mode": what,
                                              "retry_in_s": round(delay / 1e9, 3)}))
     if s.stop_at_ns is not None:
         return nxt  # stopping: on_exit comes next, no retry
@@ -495,7 +564,7 @@ def _failed(s: State, i: ApplyFailed, now: int, out: list[Action]) -> State:
 
 
 def _exit(s: State, code: int, out: list[Action]) -> State:
-    out.append(Log("info", Event.AGENT_STOP, {"on_exit": s.params.on_exit, "exit_code": code}))
+    out.append(Log(LogLevel.INFO, Event.AGENT_STOP, {"on_exit": s.params.on_exit, "exit_code": code}))
     out.append(Exit(code))
     return replace(s, exited=True, in_flight=None)
 
@@ -505,12 +574,12 @@ def _stop_sequence(s: State, now: int, out: list[Action]) -> State:
     assert s.stop_at_ns is not None
     deadline = min(now + s.params.attempt_ns, s.stop_at_ns + s.params.stop_grace_ns)
     how = s.params.on_exit
-    if how == "keep":
+    if how is OnExit.KEEP:
         return _exit(s, EX_OK, out)
-    if how == "open" and s.admin is not None:
-        out.append(Log("info", Event.FIREWALL_KEEP, {"reason": "admin block recorded: kept on exit"}))
+    if how is OnExit.OPEN and s.admin is not None:
+        out.append(Log(LogLevel.INFO, Event.FIREWALL_KEEP, {"reason": "admin block recorded: kept on exit"}))
         return _exit(s, EX_OK, out)
-    if how == "remove":
+    if how is OnExit.REMOVE:
         out.append(RemoveChain(deadline))
         return replace(s, in_flight=_Change(None, None, "on_exit", None, final=True))
     out.append(SetFirewall(Mode.OPEN, fresh=True, deadline_ns=deadline))
@@ -559,21 +628,36 @@ def step(s: State, inp: Input, now_ns: int) -> tuple[State, tuple[Action, ...]]:
         case Tick(trigger=trigger):
             # Only what was applied can be repaired; a failed change is being retried anyway.
             s = replace(s, repair_due=trigger if s.applied is not None else None)
+            out.append(Count(Tally.ALIVE))
         case Reloaded(params=None):
-            out.append(Log("error", Event.CONFIG_INVALID, {"reason": inp.error, "path": inp.path}))
+            out.append(Log(LogLevel.ERROR, Event.CONFIG_INVALID, {"reason": inp.error, "path": inp.path}))
             if s.ready:
-                out.append(Notify("ready"))
+                out.append(Notify(NotifyKind.READY))
         case Reloaded(params=Params() as params):
             if inp.note:
-                out.append(Log("warning", Event.CONFIG_RELOAD, {"reason": inp.note}))
-            out.append(Log("info", Event.CONFIG_RELOAD, {"path": inp.path}))
+                out.append(Log(LogLevel.WARNING, Event.CONFIG_RELOAD, {"reason": inp.note}))
+            out.append(Log(LogLevel.INFO, Event.CONFIG_RELOAD, {"path": inp.path}))
             s = replace(s, params=params)
             if s.ready:
-                out.append(Notify("ready"))
+                out.append(Notify(NotifyKind.READY))
         case Stop():
             if s.stop_at_ns is None:
-                out.append(Notify("stopping"))
+                out.append(Notify(NotifyKind.STOPPING))
+                out.append(StopBoundAt(now_ns + s.params.stop_grace_ns + _S))
                 s = replace(s, stop_at_ns=now_ns)
+            else:  # a second signal: exit at once, as 128 + its number, the log flushed first
+                code = 128 + inp.signum
+                out.append(Log(LogLevel.WARNING, Event.AGENT_STOP, {
+                    "reason": f"second {inp.signame}: exiting at once", "exit_code": code}))
+                out.append(Exit(code, flush_ns=s.params.abort_flush_ns))
+                return replace(s, exited=True), tuple(out)
+        case StopBound() if s.stop_at_ns is not None:
+            # The changes are bounded by their deadlines; this only guards the bound itself.
+            # What is in flight stays recorded: the shell does not wait for it.
+            out.append(Log(LogLevel.ERROR, Event.AGENT_STOP, {"reason": "stop bound passed",
+                                                              "exit_code": EX_TEMPFAIL}))
+            out.append(Exit(EX_TEMPFAIL))
+            return replace(s, exited=True), tuple(out)
     s = _reconcile(s, now_ns, out)
     if not s.exited and _status(s) != before:
         out.append(Publish(_status(s)))

@@ -3,9 +3,9 @@
 HAProxy (``server ... agent-check agent-port PORT agent-inter 2s``) connects, reads until the
 connection closes and acts on the words of the line: ``up``/``down`` set the server's operational
 state, ``ready``/``drain``/``maint`` its administrative state, ``N%`` its weight, and the text
-after ``#`` is shown as the reason. The answer is a pure function of a status snapshot
-(``answer``), computed when the daemon reports a change, so serving a connection is one
-non-blocking write of a prepared line.
+after ``#`` is shown as the reason. The answer is a pure function of the core's status
+(``answer`` of a ``watcher.core.control.Status``), computed when the core publishes a change,
+so serving a connection is one non-blocking write of a prepared line.
 
 The server runs on the daemon's event loop and reads nothing: reading is paused as soon as a
 connection is accepted (HAProxy's ``agent-send`` is not used). Connections beyond ``max_conns``
@@ -18,16 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from dataclasses import dataclass
 from typing import Any
+
+from watcher.core.control import Health, Status
 
 __all__ = [
     "MAX_REASON",
+    "STARTING",
     "AgentCheck",
-    "Status",
     "answer",
     "sanitize",
 ]
+
+STARTING = Status(Health.STARTING, None, None, "")  # what is known before the first decision
 
 MAX_REASON = 160  # characters of the reason after "#"; the whole line stays under 200 bytes
 MAX_CONNS = 32
@@ -52,17 +55,6 @@ def sanitize(text: str, limit: int = MAX_REASON) -> str:
     return clean
 
 
-@dataclass(frozen=True)
-class Status:
-    """What the agent knows that the answer depends on."""
-
-    health: str = "starting"  # starting | up | down
-    admin: bool = False  # an operator's block is in force
-    drain: bool = False  # ... and it is a drain (new connections refused, sessions finish)
-    admin_reason: str = ""
-    failure: str = ""  # the last failed probe's reason
-
-
 def answer(s: Status) -> str:
     """The agent-check line (with its newline) for ``s``.
 
@@ -72,15 +64,15 @@ def answer(s: Status) -> str:
     * service healthy: ``up ready 100%`` (``ready`` lifts a drain or maint set earlier);
     * otherwise: ``down ready #REASON``.
     """
-    if s.admin and not s.drain:
-        reason = sanitize(s.admin_reason) or "no reason given"
+    if s.admin is not None and not s.admin.drain:
+        reason = sanitize(s.admin.reason) or "no reason given"
         return sanitize(f"maint #admin block: {reason}") + "\n"
-    if s.health == "up":
+    if s.health is Health.UP:
         return "up drain\n" if s.admin else "up ready 100%\n"
-    if s.health == "starting":
+    if s.health is Health.STARTING:
         why = "agent starting, first probe not done"
     else:
-        why = sanitize(s.failure) or "service down"
+        why = sanitize(s.reason) or "service down"
     return ("down drain #" if s.admin else "down ready #") + sanitize(why) + "\n"
 
 
@@ -125,7 +117,7 @@ class AgentCheck:
                  timeout_s: float = TIMEOUT_S) -> None:
         self.host, self.port = host, port
         self.max_conns, self.timeout_s = max_conns, timeout_s
-        self.status = Status()
+        self.status = STARTING
         self.line = answer(self.status).encode("ascii")
         self.active = self.served = self.refused = self.timeouts = 0
         self._server: asyncio.Server | None = None

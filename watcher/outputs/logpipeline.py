@@ -32,7 +32,7 @@ from typing import Any, TextIO, cast
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from watcher.config import LogConfig
+from watcher.config import LogConfig, LogFormat
 from watcher.core.catalogue import Event
 
 __all__ = ["APP_NAME", "ECS_VERSION", "FIELDS", "NAMESPACE", "QUEUE_LINES", "Logging", "configure",
@@ -403,8 +403,8 @@ def configure(cfg: LogConfig, *, service_name: str, stream: TextIO | None = None
     raises: it reports ``sink-failed``.
     """
     fmt = force_format or cfg.format
-    if fmt not in ("json", "console"):
-        raise ValueError(f"log format must be json or console, got {fmt!r}")
+    if fmt not in tuple(LogFormat):
+        raise ValueError(f"log format must be one of {', '.join(LogFormat)}, got {fmt!r}")
     level = _LEVELS.get(cfg.level.lower())
     if level is None:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {cfg.level!r}")

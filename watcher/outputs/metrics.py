@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -31,17 +30,22 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from rules.model import Mode
+from watcher.atomicfile import write_atomic
+from watcher.core.control import Health, Status
+
 __all__ = [
     "LATENCY_BUCKETS_S",
     "MODES",
     "Metrics",
     "Snapshot",
     "render",
-    "write_atomic",
+    "write_textfile",
 ]
 
 PREFIX = "sslvpn_heartbeat"
-MODES = ("open", "block", "drain")
+MODES = tuple(str(m) for m in Mode)
+_STARTING = Status(Health.STARTING, None, None, "")
 # Kernel event to rule in effect: ~1 ms on an idle host, seconds behind a held xtables lock.
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _MAX_CHECK_LABELS = 16  # probe check names are a small fixed set; never let labels grow unbounded
@@ -53,9 +57,7 @@ class Snapshot:
 
     version: str
     up: bool = True
-    health: str = "starting"  # starting | up | down
-    mode: str | None = None  # open | block | drain, or None before the first apply succeeded
-    admin: bool = False
+    status: Status = _STARTING  # the core's: health, the chain's mode (None: unknown), admin
     transitions: Mapping[str, int] = field(default_factory=lambda: {"down": 0, "up": 0})
     last_transition_s: float = 0.0  # Unix time; 0: none since the agent started
     latency_counts: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_S) + 1)  # per bucket, +Inf last
@@ -71,16 +73,16 @@ def _families(s: Snapshot) -> Iterator[Metric]:
                             value=1.0 if s.up else 0.0)
     yield GaugeMetricFamily(f"{p}_service_healthy",
                             "1 while the watched service is healthy (UP), else 0.",
-                            value=1.0 if s.health == "up" else 0.0)
+                            value=1.0 if s.status.health is Health.UP else 0.0)
     mode = GaugeMetricFamily(f"{p}_chain_mode",
                              "1 for the mode the agent's chain holds (all 0 before it is known).",
                              labels=["mode"])
     for m in MODES:
-        mode.add_metric([m], 1.0 if s.mode == m else 0.0)
+        mode.add_metric([m], 1.0 if s.status.mode == m else 0.0)
     yield mode
     yield GaugeMetricFamily(f"{p}_admin_block",
                             "1 while an operator's block (full or drain) is in force.",
-                            value=1.0 if s.admin else 0.0)
+                            value=1.0 if s.status.admin is not None else 0.0)
     trans = CounterMetricFamily(f"{p}_transitions", "Health transitions of the service.",
                                 labels=["to"])
     for to in ("down", "up"):
@@ -130,27 +132,10 @@ def render(snap: Snapshot) -> bytes:
     return generate_latest(registry)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a temporary file in the same directory, then rename.
-
-    The file is mode 0644 whatever the umask (node_exporter runs as another user); the temporary
-    name starts with a dot and does not end in ``.prom``, so the collector never reads it.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-    try:
-        try:
-            os.fchmod(fd, 0o644)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def write_textfile(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (watcher.atomicfile), mode 0644 whatever the umask:
+    node_exporter runs as another user; its temporary name never ends in ``.prom``."""
+    write_atomic(path, data, mode=0o644)
 
 
 Reporter = Callable[[str], None]  # "" after a success that follows failures, else the error
@@ -161,7 +146,7 @@ class Metrics:
 
     def __init__(self, path: Path, version: str, *, checks: Iterable[str] = (),
                  report: Reporter | None = None, clock: Callable[[], float] = time.time,
-                 writer: Callable[[Path, bytes], None] = write_atomic) -> None:
+                 writer: Callable[[Path, bytes], None] = write_textfile) -> None:
         """``checks``: the probe's check names, shown at 0 from the start (rate() needs a
         first sample); ``report`` is called on the writer thread with each new error, and
         with "" when writing works again."""
@@ -195,9 +180,9 @@ class Metrics:
             self._snap = new
         self._changed()
 
-    def status(self, health: str, mode: str | None, admin: bool) -> None:
-        """The current health (starting/up/down), chain mode (None: unknown) and admin block."""
-        self._update(health=health, mode=mode, admin=admin)
+    def status(self, status: Status) -> None:
+        """The core's current status (health, the chain's mode, the admin block)."""
+        self._update(status=status)
 
     def transition(self, to: str, at: float | None = None) -> None:
         """The service went ``to`` "down" or "up" at Unix time ``at`` (default: now)."""

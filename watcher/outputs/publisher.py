@@ -18,16 +18,25 @@ from watcher import __version__
 from watcher.config import Config, parse_listen
 from watcher.core import control
 from watcher.core.catalogue import Event
-from watcher.core.triggers import Source
 from watcher.outputs import agentcheck
 from watcher.outputs.metrics import Metrics
 from watcher.outputs.notify import Notifier
 from watcher.probe import CHECKS
 from watcher.statedir import StateDir
 
-__all__ = ["Outputs"]
+__all__ = ["Outputs", "status_line", "status_record"]
 
-_MOVES = {Event.FIREWALL_BLOCK, Event.FIREWALL_UNBLOCK, Event.FIREWALL_DRAIN}
+
+def status_record(status: control.Status, pid: int, since: float) -> dict[str, Any]:
+    """The status file's object (daemon.json) for ``status``, written by agent ``pid``."""
+    return {"pid": pid, "health": str(status.health),
+            "mode": None if status.mode is None else str(status.mode),
+            "admin": status.admin is not None, "since": since}
+
+
+def status_line(status: control.Status) -> str:
+    """sd_notify's STATUS= text for ``status``."""
+    return f"service {status.health}, firewall {status.mode}"
 
 
 class Outputs:
@@ -43,10 +52,12 @@ class Outputs:
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="status")
         self._metrics: Metrics | None = None
         self._check: agentcheck.AgentCheck | None = None
+        self._opening = False  # the agent-check listener was asked to open
         self._loop = asyncio.get_running_loop()
 
     def start(self) -> None:
-        """Start the metrics writer and prepare the agent check (it listens once READY)."""
+        """Start the metrics writer and prepare the agent check (it listens once the core's
+        status says ready)."""
         cfg = self.cfg
         if cfg.metrics.textfile:
             def report(reason: str) -> None:  # on the writer thread
@@ -58,59 +69,51 @@ class Outputs:
         if cfg.agent_check.listen:
             self._check = agentcheck.AgentCheck(*parse_listen(cfg.agent_check.listen))
 
-    def seen(self, inp: control.Input, actions: Iterable[control.Action]) -> None:
-        """Account for one core step: its input and the actions it returned."""
-        m = self._metrics
-        if m is not None:
-            if isinstance(inp, control.Probed) and not inp.ok:
-                m.probe_failure(inp.check)
-            elif isinstance(inp, control.Tick):
-                m.tick()  # the file's mtime says the agent is alive
+    def seen(self, actions: Iterable[control.Action]) -> None:
+        """Carry out what one core step asks of the outputs: Publish and Count."""
         for act in actions:
             if isinstance(act, control.Publish):
                 self._publish(act.status)
-            elif act == control.Notify("ready") and self._check is not None:
-                self._loop.create_task(self._listen())
-            elif isinstance(act, control.Log) and m is not None:
-                self._count(m, act)
+                if act.status.ready and self._check is not None and not self._opening:
+                    self._opening = True
+                    self._loop.create_task(self._listen())
+            elif isinstance(act, control.Count) and self._metrics is not None:
+                self._count(self._metrics, act)
 
-    @staticmethod
-    def _count(m: Metrics, act: control.Log) -> None:
-        if act.event in (Event.SERVICE_DOWN, Event.SERVICE_UP):
-            m.transition(act.event.removeprefix("service-"), time.time())
-        elif act.event in _MOVES and act.fields.get("trigger") != str(Source.STARTUP):
-            latency = act.fields.get("event.duration")
-            if isinstance(latency, int):
-                m.failover(latency / 1e9)
-        elif act.event is Event.APPLY_FAILED:
-            m.apply_failure()
+    def _count(self, m: Metrics, act: control.Count) -> None:
+        match act.what:
+            case control.Tally.SERVICE_DOWN | control.Tally.SERVICE_UP:
+                m.transition(str(act.what), self._wall())
+            case control.Tally.FAILOVER:
+                m.failover(act.latency_ns / 1e9)
+            case control.Tally.PROBE_FAILED:
+                m.probe_failure(act.check)
+            case control.Tally.APPLY_FAILED:
+                m.apply_failure()
+            case control.Tally.ALIVE:
+                m.tick()  # the file's mtime says the agent is alive
 
     def _publish(self, status: control.Status) -> None:
-        mode = None if status.mode is None else str(status.mode)
-        self._io.submit(self._write_status, status, mode)
+        self._io.submit(self._write_status, status)
         if self._metrics is not None:
-            self._metrics.status(str(status.health), mode, status.admin is not None)
+            self._metrics.status(status)
             self._metrics.log_dropped(self._dropped())
         if self._check is not None:
-            admin = status.admin
-            self._check.update(agentcheck.Status(
-                health=str(status.health), admin=admin is not None,
-                drain=admin is not None and admin.drain,
-                admin_reason="" if admin is None else admin.reason, failure=status.reason))
+            self._check.update(status)
 
-    def _write_status(self, status: control.Status, mode: str | None) -> None:
+    def _write_status(self, status: control.Status) -> None:
         """The status file and STATUS= (in the status thread, off the event loop)."""
-        info = {"pid": os.getpid(), "health": str(status.health), "mode": mode,
-                "admin": status.admin is not None, "since": self._wall()}
         try:
-            StateDir(self.cfg.state.dir).write_daemon(info)
+            StateDir(self.cfg.state.dir).write_daemon(status_record(status, os.getpid(),
+                                                                    self._wall()))
         except OSError as exc:
             self.log.warning(Event.STATE_WRITE_FAILED, reason=str(exc))
-        self._notify.status(f"service {status.health}, firewall {mode}")
+        self._notify.status(status_line(status))
 
     async def _listen(self) -> None:
-        """Open the agent-check listener only after the first decision, so that a restarted
-        agent never tells HAProxy "down" for a healthy server while its first probe runs."""
+        """Open the agent-check listener once the core's status is ready (the kernel holds the
+        first decision): a restarted agent never tells HAProxy "down" for a healthy server
+        while its first probe runs."""
         ac = self._check
         if ac is None or ac.listening:
             return

@@ -10,8 +10,7 @@ Two uses:
   report every TCP socket freed in the namespace; a classic BPF socket filter
   (``_sockfilter.listener_filter``) drops in the kernel those that cannot be a listener on the
   port, so the service's own traffic does not wake the agent. The check in Python stays the
-  truth. The environment variable ``SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS=1`` leaves the filter
-  off: it exists only so that ``bench/traffic.py`` can measure what the filter saves.
+  truth.
 
 Limits of the facility: everything is per network namespace (the one this process is in);
 joining the destroy groups may need CAP_NET_ADMIN (6.18 lets any process join and receive);
@@ -48,7 +47,6 @@ __all__ = [
     "NETLINK_SOCK_DIAG",
     "SKNLGRP_INET6_TCP_DESTROY",
     "SKNLGRP_INET_TCP_DESTROY",
-    "UNFILTERED_ENV",
     "Listener",
     "ListenerWatch",
     "NetlinkDecodeError",
@@ -64,7 +62,6 @@ SKNLGRP_INET_TCP_DESTROY = 1
 SKNLGRP_INET6_TCP_DESTROY = 3
 TCP_CLOSE = 7
 TCP_LISTEN = 10
-UNFILTERED_ENV = "SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS"  # benchmarks only: see the docstring
 
 # struct inet_diag_msg: u8 family, state, timer, retrans; inet_diag_sockid {be16 sport, dport;
 # be32 src[4], dst[4]; u32 if; u32 cookie[2]}; u32 expires, rqueue, wqueue, uid, inode.
@@ -154,27 +151,21 @@ class ListenerWatch:
 
     ``rcvbuf``, when given, is the initial socket receive buffer size in bytes. When destroys
     were dropped (ENOBUFS) the buffer is grown and a HINT asks for a probe at once.
-    ``kernel_filter`` attaches the classic BPF filter for ``port`` (the default, unless
-    ``SSLVPN_HEARTBEAT_UNFILTERED_DESTROYS=1`` is set); ``wakeups`` and ``datagrams`` count the
-    reader's callbacks and the datagrams it read, for the tests and benchmarks.
+    ``kernel_filter`` attaches the classic BPF filter for ``port`` (the default).
     """
 
     def __init__(self, port: int, emit: Callable[[Trigger], None], log: Any, *,
                  clock: Callable[[], int] = time.monotonic_ns, rcvbuf: int | None = None,
-                 kernel_filter: bool | None = None) -> None:
+                 kernel_filter: bool = True) -> None:
         self.port = port
         self._emit = emit
         self._log = log
         self._clock = clock
         self._rcvbuf = rcvbuf
-        if kernel_filter is None:
-            kernel_filter = os.environ.get(UNFILTERED_ENV, "") != "1"
         self._program = listener_filter(port) if kernel_filter else None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
         self.available = False
-        self.wakeups = 0
-        self.datagrams = 0
 
     @property
     def filtered(self) -> bool:
@@ -210,12 +201,11 @@ class ListenerWatch:
 
     def _on_readable(self) -> None:
         sock = self._sock
-        self.wakeups += 1
         if sock is None:
             return
-        self.datagrams += read_ready(sock, decode_sock_diag, self._destroyed, clock=self._clock,
-                                     alive=lambda: self._sock is sock, overrun=self._overrun,
-                                     bad=self._bad, failed=self._failed)
+        read_ready(sock, decode_sock_diag, self._destroyed, clock=self._clock,
+                   alive=lambda: self._sock is sock, overrun=self._overrun,
+                   bad=self._bad, failed=self._failed)
 
     def _destroyed(self, event: SockEvent, now: int) -> None:
         if event.is_listener_on(self.port):
