@@ -64,7 +64,7 @@ class FirewallConfig:
     backend: str = "auto"  # auto | nft | restore | iptc
     ipv6: bool = True
     on_exit: str = "open"  # open | keep | remove
-    reject_with: str = "icmp-port-unreachable"  # or tcp-reset
+    reject_with: str = "tcp-reset"  # or icmp-port-unreachable (the original manual's listing)
     lock_wait_s: float = 5.0
 
 

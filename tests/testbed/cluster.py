@@ -235,8 +235,10 @@ def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdi
     return "\n".join(lines)
 
 
-def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreachable") -> str:
-    """The agent's TOML configuration for ``server`` (fast probe settings for tests)."""
+def default_agent_config(server: Server, *, reject_with: str | None = "icmp-port-unreachable",
+                         established: str | None = None) -> str:
+    """The agent's TOML configuration for ``server`` (fast probe settings for tests); a
+    ``reject_with`` or ``established`` of None leaves that key to the agent's default."""
     return "\n".join([
         "[service]",
         'name = "novell-sslvpn"',
@@ -250,7 +252,8 @@ def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreac
         "",
         "[firewall]",
         f'chain = "{CHAIN}"',
-        f'reject_with = "{reject_with}"',
+        *([f'reject_with = "{reject_with}"'] if reject_with is not None else []),
+        *([f'established = "{established}"'] if established is not None else []),
         "",
         "[log]",
         'format = "json"',

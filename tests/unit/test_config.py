@@ -160,12 +160,13 @@ def toml_doc(data: dict[str, Any]) -> str:
 # ---- defaults ----
 
 def test_defaults_match_the_manual_page() -> None:
-    """The defaults are the original product's: port 8080, its chain name, service novell-sslvpn."""
+    """The defaults are the original product's (port 8080, its chain name, service novell-sslvpn)
+    but for the REJECT answer: a TCP reset, which a pooling gateway meets without waiting."""
     cfg = Config()
     assert cfg.service.port == 8080
     assert cfg.firewall.chain == "sslvpn-heartbeat-chain"
     assert cfg.service.name == "novell-sslvpn"
-    assert cfg.firewall.reject_with == "icmp-port-unreachable"
+    assert cfg.firewall.reject_with == "tcp-reset"
     assert cfg.state.dir == Path("/var/lib/sslvpn-heartbeat")
 
 
