@@ -66,6 +66,8 @@ class FirewallConfig:
     on_exit: str = "open"  # open | keep | remove
     reject_with: str = "tcp-reset"  # or icmp-port-unreachable (the original manual's listing)
     lock_wait_s: float = 5.0
+    established: str = "reset"  # reset | keep: a full block ends the established connections
+    drain_idle_ms: int = 50  # a drain ends connections idle (no request on them) this long
 
 
 @dataclass(frozen=True)
@@ -293,6 +295,8 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
             "on_exit": _choice("open", "keep", "remove"),
             "reject_with": _choice("icmp-port-unreachable", "tcp-reset"),
             "lock_wait_s": _float(0.0, 300.0),
+            "established": _choice("reset", "keep"),
+            "drain_idle_ms": _int(0, 60_000),
         },
     ),
     "log": (

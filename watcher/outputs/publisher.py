@@ -84,6 +84,12 @@ class Outputs:
                 m.failover(latency / 1e9)
         elif act.event is Event.APPLY_FAILED:
             m.apply_failure()
+        elif act.event is Event.CONNECTIONS_RESET:
+            mode = "drain" if act.fields.get("drain") else "block"
+            for family in ("ipv4", "ipv6"):
+                n = act.fields.get(f"reset_{family}", 0)
+                if isinstance(n, int) and n:
+                    m.connections_reset(mode, family, n)
 
     def _publish(self, status: control.Status) -> None:
         mode = None if status.mode is None else str(status.mode)
