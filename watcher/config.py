@@ -67,7 +67,7 @@ class FirewallConfig:
     reject_with: str = "tcp-reset"  # or icmp-port-unreachable (the original manual's listing)
     lock_wait_s: float = 5.0
     established: str = "reset"  # reset | keep: a full block ends the established connections
-    drain_idle_ms: int = 50  # a drain ends connections idle (no request on them) this long
+    drain_idle_ms: int = 10  # a drain ends connections idle (no request on them) this long
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from functools import partial
 
 from watcher.core import control
-from watcher.core.sessions import idle
+from watcher.core.sessions import TcpView, idle
 from watcher.sources.sock_destroy import Conn, ResetOutcome, reset_connections
 
 __all__ = ["ConnectionResetter"]
@@ -19,7 +19,8 @@ __all__ = ["ConnectionResetter"]
 
 def _busy(quiet_ms: int, c: Conn) -> bool:
     """True for a connection a drain keeps: one that is not idle."""
-    return not idle(c.rqueue, c.wqueue, c.last_data_sent_ms, c.last_data_recv_ms, quiet_ms)
+    return not idle(TcpView(c.rqueue, c.wqueue, c.last_data_sent_ms, c.last_data_recv_ms,
+                            c.notsent_bytes, c.retrans, c.min_rtt_us), quiet_ms)
 
 
 def _keep_none(c: Conn) -> bool:

@@ -308,6 +308,16 @@ def test_failed_round_warns_once_per_reason_and_the_drain_goes_on() -> None:
     assert not any(isinstance(a, Log) for a in acts), "the same failure is said once"
 
 
+def test_drain_sweep_goes_on_through_a_repair_in_flight() -> None:
+    """A safety-net repair in flight when a sweep round answers: the next sweep is still set."""
+    s, _ = settle(initial(P), probed(True))
+    s, _ = settle(s, AdminRead(HINT, DRAIN))
+    s, acts = step(s, Tick(HINT), T0)
+    assert sets(acts) == [Mode.DRAIN], "the repair"
+    s, acts = step(s, ConnectionsReset(True, {}), T0)
+    assert SweepAt(T0 + P.drain_sweep_ns) in acts
+
+
 def test_block_during_a_drain_round_queues_a_full_reset() -> None:
     """A full block while a drain's idle round is out: the full reset follows that round."""
     s, _ = settle(initial(P), probed(True))

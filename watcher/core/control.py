@@ -101,7 +101,7 @@ class Params:
     retry_max_ns: int = 5 * _S
     established: str = "reset"  # reset | keep: what a block does to established connections
     drain_quiet_ms: int = DEFAULT_QUIET_MS  # a drain ends connections idle this long
-    drain_sweep_ns: int = 200_000_000  # and looks for newly idle ones this often
+    drain_sweep_ns: int = 100_000_000  # and looks for newly idle ones this often
 
     def __post_init__(self) -> None:
         if self.rise < 1 or self.fall < 1 or self.rise_interval_ns < 0:
@@ -548,7 +548,8 @@ def _request_reset(s: State, idle_only: bool, out: list[Action]) -> State:
 
 
 def _draining(s: State) -> bool:
-    return s.applied is Mode.DRAIN and desired_mode(s) is Mode.DRAIN and s.in_flight is None
+    """The kernel holds a drain and a drain is wanted (a repair in flight does not stop it)."""
+    return s.applied is Mode.DRAIN and desired_mode(s) is Mode.DRAIN
 
 
 def _connections_reset(s: State, i: ConnectionsReset, now: int, out: list[Action]) -> State:

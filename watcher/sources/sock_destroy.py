@@ -64,6 +64,10 @@ _RTA = struct.Struct("=HH")
 # lost, retrans, fackets, last_data_sent, last_ack_sent, last_data_recv, last_ack_recv (ms ago).
 _TCPI_TIMES = struct.Struct("=IIII")
 _TCPI_TIMES_AT = 44
+_TCPI_RETRANS_AT = 36  # u32 tcpi_retrans: segments retransmitted and not yet acknowledged
+_TCPI_NOTSENT_AT = 144  # u32 tcpi_notsent_bytes (Linux 4.6 on)
+_TCPI_MIN_RTT_AT = 148  # u32 tcpi_min_rtt, microseconds (Linux 4.6 on)
+_U32 = struct.Struct("=I")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class Conn:
     last_data_sent_ms: int | None = None
     last_data_recv_ms: int | None = None
     last_ack_recv_ms: int | None = None
+    notsent_bytes: int | None = None
+    retrans: int | None = None
+    min_rtt_us: int | None = None
 
     @property
     def peer_family(self) -> str:
@@ -164,13 +171,18 @@ def decode_dump(data: bytes, port: int) -> tuple[list[Conn], bool, int]:
         ifindex, c0, c1 = _ID_TAIL.unpack_from(body, 40)
         _expires, rqueue, wqueue, _uid, _inode = _MSG_TAIL.unpack_from(body, 52)
         times: tuple[int, ...] | tuple[None, ...] = (None, None, None, None)
+        retrans = rtt = notsent = None
         for typ, value in _attrs(body[_MSG_SIZE:]):
             if typ == INET_DIAG_INFO and len(value) >= _TCPI_TIMES_AT + _TCPI_TIMES.size:
                 times = _TCPI_TIMES.unpack_from(value, _TCPI_TIMES_AT)
+                retrans = _U32.unpack_from(value, _TCPI_RETRANS_AT)[0]
+                if len(value) >= _TCPI_MIN_RTT_AT + 4:
+                    notsent = _U32.unpack_from(value, _TCPI_NOTSENT_AT)[0]
+                    rtt = _U32.unpack_from(value, _TCPI_MIN_RTT_AT)[0]
         sent, _ack_sent, recv, ack_recv = times
         conns.append(Conn(family, _address(family, body[8:24]), sport,
                           _address(family, body[24:40]), dport, ifindex, c0 | (c1 << 32),
-                          rqueue, wqueue, sent, recv, ack_recv))
+                          rqueue, wqueue, sent, recv, ack_recv, notsent, retrans, rtt))
     return conns, False, 0
 
 
