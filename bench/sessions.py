@@ -8,7 +8,7 @@ Root only. For each gateway (HAProxy 2.6 ``http-reuse always``, nginx 1.22 upstr
 one cluster (tests.testbed.sessions: two servers with agents, a client at 100 requests/s,
 ICMP rate limits on) runs both scenarios: server 1's service hangs (alive, listening, silent)
 until its agent blocks it, then answers again and is back in rotation; then ``block --drain``
-on server 1 with six 2.5 s requests in flight. Prints a table; never passes or fails.
+on server 1 with six 1.5 s requests in flight. Prints a table; never passes or fails.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{len(rows)} clusters in {time.monotonic() - started:.0f} s. Each: 100 requests/s "
           "from the client, each on a new connection to the gateway; server 1 hangs 1 s into "
           "its load until its agent blocks it; later 'block --drain' on server 1 with six "
-          "2.5 s requests in flight.")
+          "1.5 s requests in flight.")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -134,7 +134,7 @@ def http_get(ns_name: str, host: str, port: int, path: str = "/", timeout: float
 def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats_socket: Path,
                        http_mode: str = "server-close",
                        agent_check: tuple[int, str] | None = None,
-                       connect_timeout: str = "100ms") -> str:
+                       connect_timeout: str = "100ms", server_timeout: str = "2s") -> str:
     """HAProxy configuration: round robin over ``(name, addr, port)``, retries + redispatch, no checks.
 
     ``agent_check=(PORT, INTER)`` adds HAProxy's agent check to every server (the agent's
@@ -160,7 +160,7 @@ def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats
         # 100ms costs nothing in connect time and keeps a redispatched request's delay at 0.1s.
         f"    timeout connect {connect_timeout}",
         "    timeout client 10s",
-        "    timeout server 2s",
+        f"    timeout server {server_timeout}",
         "    timeout http-request 5s",
         "    timeout http-keep-alive 10s",
         # A refused connect is retried on the next server: redispatch on every retry.
@@ -198,11 +198,14 @@ NGINX_BACKLOG = 4096  # the client load (150-200 requests/s) never fills it
 
 
 def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdir: Path,
-                      keepalive: int = 0, connect_timeout: str = "100ms") -> str:
+                      keepalive: int = 0, connect_timeout: str = "100ms",
+                      server_timeout: str = "2s", max_fails: int = 1) -> str:
     """nginx configuration: round robin over ``(name, addr, port)``, the next server on a
     connect error or timeout (never on a 503), a short connect timeout, every file in
     ``workdir``, listening on ``bind`` only, in the foreground; ``keepalive`` > 0 keeps that
-    many idle connections to the servers per worker and reuses them (HTTP/1.1 upstream)."""
+    many idle connections to the servers per worker and reuses them (HTTP/1.1 upstream);
+    ``max_fails=0`` turns nginx's passive health off (no server is skipped after an error,
+    like a gateway with no health checks of its own)."""
     pool = [f"        keepalive {keepalive};"] if keepalive else []
     reuse = (["            proxy_http_version 1.1;", '            proxy_set_header Connection "";']
              if keepalive else [])
@@ -219,7 +222,8 @@ def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdi
         *(f"    {kind}_temp_path {tmp / kind};"
           for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
         "    upstream sslvpn {",
-        *(f"        server {addr}:{port} max_fails=1 fail_timeout={NGINX_FAIL_TIMEOUT};  # {name}"
+        *(f"        server {addr}:{port} max_fails={max_fails} fail_timeout={NGINX_FAIL_TIMEOUT};"
+          f"  # {name}"
           for name, addr, port in servers),
         *pool,
         "    }",
@@ -232,8 +236,8 @@ def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdi
         "            proxy_next_upstream error timeout;",
         "            proxy_next_upstream_tries 3;",
         f"            proxy_connect_timeout {connect_timeout};",
-        "            proxy_read_timeout 2s;",
-        "            proxy_send_timeout 2s;",
+        f"            proxy_read_timeout {server_timeout};",
+        f"            proxy_send_timeout {server_timeout};",
         "            proxy_max_temp_file_size 0;",
         "        }",
         "    }",
@@ -432,7 +436,8 @@ class Cluster:
                  agent_ready: Callable[[Server], bool] | None = None,
                  agent_check: tuple[int, str] | None = None,
                  gateway: str = "haproxy", connect_timeout: str = "100ms",
-                 nginx_keepalive: int = 16) -> None:
+                 nginx_keepalive: int = 16, server_timeout: str = "2s",
+                 nginx_max_fails: int = 1) -> None:
         if not 1 <= n_servers <= 9:
             raise ValueError("n_servers must be between 1 and 9")
         if gateway not in GATEWAY_KINDS:
@@ -441,6 +446,8 @@ class Cluster:
             raise ValueError(f"http_mode must be server-close or keep-alive, got {http_mode!r}")
         # nginx with http_mode "keep-alive": an upstream keepalive pool of nginx_keepalive
         self.connect_timeout = connect_timeout
+        self.server_timeout = server_timeout
+        self.nginx_max_fails = nginx_max_fails
         self.nginx_keepalive = nginx_keepalive if http_mode == "keep-alive" else 0
         self.gateway_kind = gateway
         self.nginx: subprocess.Popen[bytes] | None = None
@@ -509,7 +516,8 @@ class Cluster:
         else:
             self.haproxy_cfg.write_text(render_haproxy_cfg(
                 [(s.name, s.addr, s.port) for s in self.servers], GATEWAY_CLIENT_ADDR,
-                self.haproxy_sock, self.http_mode, self.agent_check, self.connect_timeout))
+                self.haproxy_sock, self.http_mode, self.agent_check, self.connect_timeout,
+                self.server_timeout))
             with open(self.haproxy_log, "ab") as log:
                 self.haproxy = gw.popen(["haproxy", "-f", str(self.haproxy_cfg), "-db"],
                                         stdin=subprocess.DEVNULL, stdout=log,
@@ -526,7 +534,8 @@ class Cluster:
         conf = self.workdir / "nginx.conf"
         conf.write_text(render_nginx_conf([(s.name, s.addr, s.port) for s in self.servers],
                                           GATEWAY_CLIENT_ADDR, self.workdir,
-                                          self.nginx_keepalive, self.connect_timeout))
+                                          self.nginx_keepalive, self.connect_timeout,
+                                          self.server_timeout, self.nginx_max_fails))
         (self.workdir / "nginx-tmp").mkdir(exist_ok=True)
         # -e: the error log before the configuration is read (never the system's /var/log/nginx)
         argv = ["nginx", "-p", str(self.workdir), "-c", str(conf),

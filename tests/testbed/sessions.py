@@ -55,9 +55,12 @@ SETTLE_S = 1.0  # the first second after a drain: pooled connections still being
 def pooled_cluster(gateway: str, workdir: Path, *, reject_with: str | None = None,
                    established: str | None = None) -> Cluster:
     """Two servers with agents (the shipped defaults unless a setting is given) behind
-    ``gateway`` reusing its server connections, a 1 s connect timeout (the issue's)."""
+    ``gateway`` reusing its server connections, a 1 s connect timeout and a 5 s answer timeout
+    (a gateway's defaults are longer still: nginx 60 s, the Access Gateway 30 s to connect),
+    so the gateway has not given up on the hung server by itself before its agent blocks it;
+    no health checks of the gateway's own (nginx: ``max_fails=0``), like the Access Gateway."""
     return Cluster(2, agents=True, gateway=gateway, http_mode="keep-alive", workdir=workdir,
-                   connect_timeout="1s",
+                   connect_timeout="1s", server_timeout="5s", nginx_max_fails=0,
                    agent_config=functools.partial(default_agent_config, reject_with=reject_with,
                                                   established=established))
 
@@ -131,7 +134,7 @@ def _long_requests(c: Cluster, n: int, ms: int) -> tuple[list[threading.Thread],
 
 
 def run_drain(c: Cluster, out: Path, cli: Callable[[Server, list[str]], object], *,
-              seconds: float = 5.0, long_ms: int = 1500) -> DrainOutcome:
+              seconds: float = 6.0, long_ms: int = 1500) -> DrainOutcome:
     """Load through the gateway; after a second, long requests, then ``block --drain`` on
     server 1 through ``cli``; server 1's share of what follows."""
     s1 = c.server(1)
