@@ -296,8 +296,13 @@ class FirewallConfig:
     backend: Backend = key(Backend.AUTO, _choice(Backend, Backend))
     ipv6: bool = key(True, _bool)
     on_exit: OnExit = key(OnExit.OPEN, _choice(OnExit, OnExit))
-    reject_with: str = key("icmp-port-unreachable", _choice(REJECT_CHOICES))
+    # tcp-reset: no gateway waits on a blocked server; icmp-port-unreachable: the original
+    # manual's listing (README "Behind a pooling gateway" has the cost of each)
+    reject_with: str = key("tcp-reset", _choice(REJECT_CHOICES))
     lock_wait_s: float = key(5.0, _float(0.0, 300.0))
+    # reset: a full block ends the established connections from other hosts; keep: it does not
+    established: str = key("reset", _choice(("reset", "keep")))
+    drain_idle_ms: int = key(10, _int(0, 60_000))  # a drain ends connections idle this long
 
 
 @dataclass(frozen=True)

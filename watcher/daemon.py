@@ -29,6 +29,7 @@ from watcher.outputs.logpipeline import Logging
 from watcher.outputs.notify import Notifier
 from watcher.outputs.publisher import Outputs
 from watcher.probe import Prober
+from watcher.resetter import ConnectionResetter
 from watcher.sources.inotify import PidFileWatch
 from watcher.sources.pidfd import ProcessWatch
 from watcher.sources.proc_connector import ProcConnectorSource
@@ -65,6 +66,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         self._outputs = Outputs(cfg, self.log, notifier, logging_.dropped_total)
         self._worker = FirewallWorker(firewall, self.feed, self.log, clock)
+        self._resetter = ConnectionResetter(cfg.service.port, self.feed)
         self._exit: asyncio.Future[int] = self._loop.create_future()
         self._sources: list[Any] = []
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per purpose, re-armed in place
@@ -105,6 +107,10 @@ class Daemon:
             case control.Exit(code=code, flush_ns=int(flush_ns)):
                 self._logging.flush(flush_ns / 1e9)
                 os._exit(code)
+            case control.ResetConnections():
+                self._resetter.carry_out(act)
+            case control.SweepAt(at_ns=at):
+                self._arm("sweep", at, self.feed, control.SweepDue())
             case control.Count() | control.Publish():
                 pass  # the outputs saw them
 
@@ -277,5 +283,6 @@ class Daemon:
             self._proc.close()
             self._reserved.close()
         await self._outputs.close()
+        self._resetter.close()
         self._worker.close(stuck=self._core.in_flight is not None)
         return code

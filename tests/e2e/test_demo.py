@@ -18,8 +18,9 @@ from tests.testbed.fakesvc import pid_alive
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
+# The manual's line with the agent's default answer (reject_with = "tcp-reset").
 MANUAL_REJECT = re.compile(r"^REJECT +tcp +-- +anywhere +anywhere +tcp dpt:http-alt "
-                           r"reject-with icmp-port-unreachable$")
+                           r"reject-with tcp-reset$")
 
 
 def _read_until(proc: subprocess.Popen[str], marker: str, timeout: float) -> list[str]:
@@ -47,7 +48,8 @@ def _namespaces_of(pid: int) -> list[str]:
 
 
 def test_demo_shows_block_then_ctrl_c_leaves_no_namespace_or_process() -> None:
-    """Up to step 4 the demo prints the manual's REJECT line and the JSON event; SIGINT tears down."""
+    """Up to step 4 the demo prints the manual's REJECT line (with the default tcp-reset) and the
+    JSON event; SIGINT tears down."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tests.testbed", "demo"], cwd=str(REPO),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

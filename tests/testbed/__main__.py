@@ -120,9 +120,14 @@ def _agent_event(srv: Server, action: str) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
+def _shipped_config(server: Server) -> str:
+    """The agent's configuration with the shipped firewall defaults (reject_with, established)."""
+    return default_agent_config(server, reject_with=None)
+
+
 def _fleet_config(server: Server) -> str:
     """The agent's configuration with HAProxy's agent check and the metrics file on."""
-    return default_agent_config(server) + (
+    return default_agent_config(server, reject_with=None) + (
         f'\n[agent_check]\nlisten = "0.0.0.0:{AGENT_CHECK_PORT}"\n'
         f'\n[metrics]\ntextfile = "{server.state_dir / METRICS}"\n')
 
@@ -174,7 +179,8 @@ def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy",
           "of its own, like the Access Gateway) and servers, each running a fake SSL VPN "
           "service" + (" and the agent." if agents else "."))
     extra: dict[str, Any] = ({"agent_config": _fleet_config,
-                              "agent_check": (AGENT_CHECK_PORT, "100ms")} if fleet else {})
+                              "agent_check": (AGENT_CHECK_PORT, "100ms")} if fleet else
+                             {"agent_config": _shipped_config})
     with Cluster(n_servers, agents=agents, gateway=gateway, **extra) as c:
         _say(f"ready in {time.monotonic() - started:.1f} s; the client talks to {c.url}")
         for s in c.servers:
@@ -210,6 +216,13 @@ def demo(n_servers: int, agents: bool, rate: float, gateway: str = "haproxy",
                  "left out)" if agents else
                  "(no agent, so no chain: nothing tells the gateway server 1 is down)"))
         _show_iptables_l(s1)
+        if agents:
+            _say("(the agent's default is reject_with = \"tcp-reset\": with the kernel's ICMP "
+                 "rate limits on, a pooling gateway's")
+            _say(" requests waited after a block with icmp-port-unreachable (HAProxy 11-12, nginx "
+                 "12 of them), none with")
+            _say(" tcp-reset; reject_with = \"icmp-port-unreachable\" gives the manual's line "
+                 "exactly)")
         block = _agent_event(s1, "firewall-block") if agents else None
         if block is not None:
             _say()

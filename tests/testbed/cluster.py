@@ -133,7 +133,8 @@ def http_get(ns_name: str, host: str, port: int, path: str = "/", timeout: float
 
 def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats_socket: Path,
                        http_mode: str = "server-close",
-                       agent_check: tuple[int, str] | None = None) -> str:
+                       agent_check: tuple[int, str] | None = None,
+                       connect_timeout: str = "100ms", server_timeout: str = "2s") -> str:
     """HAProxy configuration: round robin over ``(name, addr, port)``, retries + redispatch, no checks.
 
     ``agent_check=(PORT, INTER)`` adds HAProxy's agent check to every server (the agent's
@@ -157,9 +158,9 @@ def render_haproxy_cfg(servers: Sequence[tuple[str, str, int]], bind: str, stats
         # HAProxy 2.6 pauses min(timeout connect, 1s) before each retry after a refused connect,
         # redispatch or not (measured here). Links inside the testbed answer in microseconds, so
         # 100ms costs nothing in connect time and keeps a redispatched request's delay at 0.1s.
-        "    timeout connect 100ms",
+        f"    timeout connect {connect_timeout}",
         "    timeout client 10s",
-        "    timeout server 2s",
+        f"    timeout server {server_timeout}",
         "    timeout http-request 5s",
         "    timeout http-keep-alive 10s",
         # A refused connect is retried on the next server: redispatch on every retry.
@@ -196,10 +197,18 @@ NGINX_FAIL_TIMEOUT = "1s"
 NGINX_BACKLOG = 4096  # the client load (150-200 requests/s) never fills it
 
 
-def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdir: Path) -> str:
+def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdir: Path,
+                      keepalive: int = 0, connect_timeout: str = "100ms",
+                      server_timeout: str = "2s", max_fails: int = 1) -> str:
     """nginx configuration: round robin over ``(name, addr, port)``, the next server on a
     connect error or timeout (never on a 503), a short connect timeout, every file in
-    ``workdir``, listening on ``bind`` only, in the foreground."""
+    ``workdir``, listening on ``bind`` only, in the foreground; ``keepalive`` > 0 keeps that
+    many idle connections to the servers per worker and reuses them (HTTP/1.1 upstream);
+    ``max_fails=0`` turns nginx's passive health off (no server is skipped after an error,
+    like a gateway with no health checks of its own)."""
+    pool = [f"        keepalive {keepalive};"] if keepalive else []
+    reuse = (["            proxy_http_version 1.1;", '            proxy_set_header Connection "";']
+             if keepalive else [])
     tmp = workdir / "nginx-tmp"
     lines = [
         "daemon off;",
@@ -213,19 +222,22 @@ def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdi
         *(f"    {kind}_temp_path {tmp / kind};"
           for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")),
         "    upstream sslvpn {",
-        *(f"        server {addr}:{port} max_fails=1 fail_timeout={NGINX_FAIL_TIMEOUT};  # {name}"
+        *(f"        server {addr}:{port} max_fails={max_fails} fail_timeout={NGINX_FAIL_TIMEOUT};"
+          f"  # {name}"
           for name, addr, port in servers),
+        *pool,
         "    }",
         "    server {",
         f"        listen {bind}:{GATEWAY_PORT} backlog={NGINX_BACKLOG};",
         "        location / {",
         "            proxy_pass http://sslvpn;",
+        *reuse,
         # Not http_503: a server answering 503 is exactly what the agent exists to hide.
         "            proxy_next_upstream error timeout;",
         "            proxy_next_upstream_tries 3;",
-        "            proxy_connect_timeout 100ms;",
-        "            proxy_read_timeout 2s;",
-        "            proxy_send_timeout 2s;",
+        f"            proxy_connect_timeout {connect_timeout};",
+        f"            proxy_read_timeout {server_timeout};",
+        f"            proxy_send_timeout {server_timeout};",
         "            proxy_max_temp_file_size 0;",
         "        }",
         "    }",
@@ -235,8 +247,10 @@ def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdi
     return "\n".join(lines)
 
 
-def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreachable") -> str:
-    """The agent's TOML configuration for ``server`` (fast probe settings for tests)."""
+def default_agent_config(server: Server, *, reject_with: str | None = "icmp-port-unreachable",
+                         established: str | None = None) -> str:
+    """The agent's TOML configuration for ``server`` (fast probe settings for tests); a
+    ``reject_with`` or ``established`` of None leaves that key to the agent's default."""
     return "\n".join([
         "[service]",
         'name = "novell-sslvpn"',
@@ -250,7 +264,8 @@ def default_agent_config(server: Server, *, reject_with: str = "icmp-port-unreac
         "",
         "[firewall]",
         f'chain = "{CHAIN}"',
-        f'reject_with = "{reject_with}"',
+        *([f'reject_with = "{reject_with}"'] if reject_with is not None else []),
+        *([f'established = "{established}"'] if established is not None else []),
         "",
         "[log]",
         'format = "json"',
@@ -335,6 +350,14 @@ class Server:
         """Start the HTTP listener again; returns once it accepts connections."""
         self.ctl("start-listener")
 
+    def hang(self) -> None:
+        """Make the service hang: alive, listening, reading requests, answering none."""
+        self.ctl("hang")
+
+    def unhang(self) -> None:
+        """Make the hung service answer again (held requests are answered)."""
+        self.ctl("unhang")
+
     def core_pid(self) -> int | None:
         """The core's PID if the PID file names a live process, else None."""
         return fakesvc.core_alive(self.state_dir)
@@ -412,13 +435,20 @@ class Cluster:
                  http_mode: str = "server-close", ready_timeout: float = 10.0,
                  agent_ready: Callable[[Server], bool] | None = None,
                  agent_check: tuple[int, str] | None = None,
-                 gateway: str = "haproxy") -> None:
+                 gateway: str = "haproxy", connect_timeout: str = "100ms",
+                 nginx_keepalive: int = 16, server_timeout: str = "2s",
+                 nginx_max_fails: int = 1) -> None:
         if not 1 <= n_servers <= 9:
             raise ValueError("n_servers must be between 1 and 9")
         if gateway not in GATEWAY_KINDS:
             raise ValueError(f"gateway must be one of {GATEWAY_KINDS}, got {gateway!r}")
-        if gateway == "nginx" and http_mode != "server-close":
-            raise ValueError("the nginx gateway closes each server connection (server-close)")
+        if http_mode not in ("server-close", "keep-alive"):
+            raise ValueError(f"http_mode must be server-close or keep-alive, got {http_mode!r}")
+        # nginx with http_mode "keep-alive": an upstream keepalive pool of nginx_keepalive
+        self.connect_timeout = connect_timeout
+        self.server_timeout = server_timeout
+        self.nginx_max_fails = nginx_max_fails
+        self.nginx_keepalive = nginx_keepalive if http_mode == "keep-alive" else 0
         self.gateway_kind = gateway
         self.nginx: subprocess.Popen[bytes] | None = None
         self.n_servers = n_servers
@@ -486,7 +516,8 @@ class Cluster:
         else:
             self.haproxy_cfg.write_text(render_haproxy_cfg(
                 [(s.name, s.addr, s.port) for s in self.servers], GATEWAY_CLIENT_ADDR,
-                self.haproxy_sock, self.http_mode, self.agent_check))
+                self.haproxy_sock, self.http_mode, self.agent_check, self.connect_timeout,
+                self.server_timeout))
             with open(self.haproxy_log, "ab") as log:
                 self.haproxy = gw.popen(["haproxy", "-f", str(self.haproxy_cfg), "-db"],
                                         stdin=subprocess.DEVNULL, stdout=log,
@@ -502,7 +533,9 @@ class Cluster:
         """Write the nginx configuration and start Debian's nginx in the gateway namespace."""
         conf = self.workdir / "nginx.conf"
         conf.write_text(render_nginx_conf([(s.name, s.addr, s.port) for s in self.servers],
-                                          GATEWAY_CLIENT_ADDR, self.workdir))
+                                          GATEWAY_CLIENT_ADDR, self.workdir,
+                                          self.nginx_keepalive, self.connect_timeout,
+                                          self.server_timeout, self.nginx_max_fails))
         (self.workdir / "nginx-tmp").mkdir(exist_ok=True)
         # -e: the error log before the configuration is read (never the system's /var/log/nginx)
         argv = ["nginx", "-p", str(self.workdir), "-c", str(conf),

@@ -16,6 +16,11 @@ zombie still has a /proc entry and would look alive to a careless checker).
     python -m tests.testbed.fakesvc serve --state-dir D --name server1 [--port 8080] [--bind ::]
     python -m tests.testbed.fakesvc ctl --state-dir D start|stop|status|restart|kill-core
     python -m tests.testbed.fakesvc ctl --state-dir D stop-listener|start-listener [--name N ...]
+    python -m tests.testbed.fakesvc ctl --state-dir D hang|unhang
+
+``hang`` makes the listener alive, listening and silent: it accepts and reads requests but
+answers none until ``unhang`` (a flag file in the state directory), as a hung service does.
+A request for ``/slow/MS`` is answered after MS milliseconds (a long request in flight).
 
 ``status`` exits as LSB init scripts do: 0 running, 1 dead but PID file present, 3 stopped.
 """
@@ -50,6 +55,9 @@ __all__ = [
 
 PID_FILE = "novell-sslvpn.pid"  # the core's PID file, inside the state directory
 LISTENER_PID = "listener.pid"
+SLOW_PREFIX = "slow-in-flight-"  # one file per /slow/MS request being served
+HANG_FLAG = "hang"  # while this file exists in the state directory, no request is answered
+HANG_BOUND_S = 60.0  # a hung request is answered after this anyway, so no thread lives forever
 CORE_COMM = "sslvpn-core"  # the core's process name (comm), as a process_name check sees it
 EXIT_RUNNING, EXIT_DEAD_PIDFILE, EXIT_STOPPED = 0, 1, 3
 _REPO = Path(__file__).resolve().parent.parent.parent
@@ -164,6 +172,10 @@ def run_core(state_dir: Path) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # lets a gateway keep server connections open if it wants
+    # One write per answer (headers and body together, flushed at the end of each request), as
+    # real servers do: two small writes would meet Nagle and the peer's delayed ACK, and every
+    # answer on a reused connection would take some 40 ms.
+    wbufsize = -1
     server: _Listener
 
     def _answer(self, with_body: bool) -> None:
@@ -181,7 +193,24 @@ class _Handler(BaseHTTPRequestHandler):
         if with_body:
             self.wfile.write(data)
 
+    def _stall(self) -> None:
+        """Hold the request while the service hangs; sleep for a ``/slow/MS`` request."""
+        flag = self.server.state_dir / HANG_FLAG
+        deadline = time.monotonic() + HANG_BOUND_S
+        while flag.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling a flag file: the hang is the point, not a race
+        if self.path.startswith("/slow/") and self.path[6:].isdigit():
+            # a file per long request in flight, so a test can wait until one is on this server
+            mark = self.server.state_dir / f"{SLOW_PREFIX}{threading.get_ident()}"
+            mark.touch()
+            try:
+                time.sleep(min(int(self.path[6:]), 30_000) / 1000)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    mark.unlink()
+
     def do_GET(self) -> None:
+        self._stall()
         self._answer(True)
 
     def do_HEAD(self) -> None:
@@ -285,6 +314,18 @@ def ctl_stop(state_dir: Path, timeout: float, sig: int = signal.SIGTERM) -> int:
     return 0
 
 
+def ctl_hang(state_dir: Path, hang: bool) -> int:
+    """Make the listener hang (accept, read, answer nothing) or answer again."""
+    flag = state_dir / HANG_FLAG
+    if hang:
+        flag.touch()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            flag.unlink()
+    print("hanging" if hang else "answering")
+    return 0
+
+
 def ctl_status(state_dir: Path) -> int:
     """Print the core's state; exit 0 running, 1 dead with a PID file left, 3 stopped."""
     pid = read_pid(state_dir / PID_FILE)
@@ -345,7 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--state-dir", type=Path, required=True)
         if cmd == "ctl":
             p.add_argument("action", choices=["start", "stop", "restart", "status", "kill-core",
-                                              "stop-listener", "start-listener"])
+                                              "stop-listener", "start-listener", "hang",
+                                              "unhang"])
             p.add_argument("--timeout", type=float, default=5.0)
         if cmd in ("serve", "ctl"):
             p.add_argument("--name", default=socket.gethostname())
@@ -374,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ctl_stop_listener(d, a.timeout)
     if act == "start-listener":
         return ctl_start_listener(d, a.name, a.port, a.bind, a.timeout)
+    if act in ("hang", "unhang"):
+        return ctl_hang(d, act == "hang")
     return ctl_status(d)
 
 

@@ -62,6 +62,8 @@ GOOD: dict[str, list[Any]] = {
     "firewall.on_exit": ["open", "keep", "remove"],
     "firewall.reject_with": ["icmp-port-unreachable", "tcp-reset"],
     "firewall.lock_wait_s": [0, 0.5, 5, 300],
+    "firewall.established": ["reset", "keep"],
+    "firewall.drain_idle_ms": [0, 50, 60_000],
     "log.format": ["json", "console"],
     "log.level": ["debug", "info", "warning", "error"],
     "log.file": ["", "/var/log/sslvpn-heartbeat.json"],
@@ -93,6 +95,8 @@ BAD: dict[str, list[Any]] = {
     "firewall.on_exit": ["close", "", None],
     "firewall.reject_with": ["icmp6-port-unreachable", "drop", "icmp-host-unreachable", 0],
     "firewall.lock_wait_s": [-0.1, 301, math.nan, "5", False],
+    "firewall.established": ["close", "", "RESET", True, 0],
+    "firewall.drain_idle_ms": [-1, 60_001, 0.5, "50", True],
     "log.format": ["text", "JSON", 0],
     "log.level": ["warn", "critical", "INFO", 10],
     "log.file": ["relative.log", "/a\nb", 1],
@@ -166,12 +170,13 @@ def toml_doc(data: dict[str, Any]) -> str:
 # ---- defaults ----
 
 def test_defaults_match_the_manual_page() -> None:
-    """The defaults are the original product's: port 8080, its chain name, service novell-sslvpn."""
+    """The defaults are the original product's (port 8080, its chain name, service novell-sslvpn)
+    but for the REJECT answer: a TCP reset, which a pooling gateway meets without waiting."""
     cfg = Config()
     assert cfg.service.port == 8080
     assert cfg.firewall.chain == "sslvpn-heartbeat-chain"
     assert cfg.service.name == "novell-sslvpn"
-    assert cfg.firewall.reject_with == "icmp-port-unreachable"
+    assert cfg.firewall.reject_with == "tcp-reset"
     assert cfg.state.dir == Path("/var/lib/sslvpn-heartbeat")
 
 
@@ -509,7 +514,8 @@ def test_service_name_must_be_nonempty_ascii(name: str) -> None:
 # ---- each key declared once; what a reload keeps ----
 
 RESTART_ONLY = {"firewall.chain", "firewall.backend", "firewall.ipv6", "firewall.on_exit",
-                "firewall.reject_with", "firewall.lock_wait_s", "service.port", "state.dir",
+                "firewall.reject_with", "firewall.lock_wait_s", "firewall.established",
+                "firewall.drain_idle_ms", "service.port", "state.dir",
                 "metrics.textfile", "agent_check.listen"}
 
 

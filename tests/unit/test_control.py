@@ -19,6 +19,7 @@ from watcher.core.control import (
     AdminRead,
     Applied,
     ApplyFailed,
+    ConnectionsReset,
     Count,
     Exit,
     Health,
@@ -30,6 +31,7 @@ from watcher.core.control import (
     Probed,
     Publish,
     RemoveChain,
+    ResetConnections,
     RetryAt,
     RetryDue,
     SetFirewall,
@@ -37,6 +39,8 @@ from watcher.core.control import (
     Stop,
     StopBound,
     StopBoundAt,
+    SweepAt,
+    SweepDue,
     Tally,
     Tick,
     desired_mode,
@@ -297,6 +301,106 @@ def test_status_says_ready_once_the_kernel_holds_the_first_decision() -> None:
     s, acts = step(s, OK, T0)
     published = [a.status for a in acts if isinstance(a, Publish)]
     assert published and published[-1].ready and Notify(NotifyKind.READY) in acts
+# --------------------------------------------------------------------- established connections
+
+def resets(actions: tuple[control.Action, ...] | list[control.Action]) -> list[ResetConnections]:
+    """The ResetConnections actions, in order."""
+    return [a for a in actions if isinstance(a, ResetConnections)]
+
+
+def test_full_block_resets_established_connections_after_the_rule_is_in_effect() -> None:
+    """Ill health: SetFirewall(BLOCK) first, ResetConnections(all) only with its Applied."""
+    s, _ = settle(initial(P), probed(True))
+    s, acts = step(s, probed(False, DEATH), T0)
+    assert sets(acts) == [Mode.BLOCK] and not resets(acts)
+    s, acts = step(s, OK, T0 + MS)
+    assert resets(acts) == [ResetConnections(idle_only=False, quiet_ms=0)]
+    s, acts = step(s, ConnectionsReset(False, {"ipv4": 3, "ipv6": 1}, duration_ns=MS), T0 + 2 * MS)
+    log = next(a for a in acts if isinstance(a, Log))
+    assert log.event == "connections-reset" and log.level == "info"
+    assert (log.fields["reset_ipv4"], log.fields["reset_ipv6"], log.fields["drain"]) == (3, 1, False)
+    assert not any(isinstance(a, SweepAt) for a in acts), "a full block does not sweep"
+
+
+def test_established_keep_never_resets() -> None:
+    """established = "keep": neither a full block nor a drain ends a connection."""
+    s, _ = settle(initial(replace(P, established="keep")), probed(True))
+    s, out = settle(s, probed(False, DEATH))
+    assert Mode.BLOCK in sets(out) and not resets(out)
+    s, out = settle(s, AdminRead(HINT, DRAIN))
+    assert Mode.DRAIN in sets(out) and not resets(out)
+
+
+def test_drain_ends_idle_connections_and_sweeps_while_it_lasts() -> None:
+    """Drain: an idle-only reset with the quiet bound once DRAIN is in effect, then one per
+    sweep while the drain lasts; the sweep stops when the drain is lifted."""
+    p = replace(P, drain_quiet_ms=50)
+    s, _ = settle(initial(p), probed(True))
+    s, acts = step(s, AdminRead(HINT, DRAIN), T0)
+    assert sets(acts) == [Mode.DRAIN] and not resets(acts)
+    s, acts = step(s, OK, T0)
+    assert resets(acts) == [ResetConnections(idle_only=True, quiet_ms=50)]
+    s, acts = step(s, ConnectionsReset(True, {"ipv4": 2}, kept=1), T0 + MS)
+    assert SweepAt(T0 + MS + p.drain_sweep_ns) in acts
+    assert [a.fields["kept"] for a in acts if isinstance(a, Log)] == [1]
+    s, acts = step(s, SweepDue(), T0 + p.drain_sweep_ns)
+    assert resets(acts) == [ResetConnections(idle_only=True, quiet_ms=50)]
+    s, acts = step(s, ConnectionsReset(True, {}), T0 + p.drain_sweep_ns)
+    assert not any(isinstance(a, Log) for a in acts), "an empty sweep is not logged"
+    s, _ = settle(s, AdminRead(HINT, None))
+    s, acts = step(s, SweepDue(), T0 + 3 * p.drain_sweep_ns)
+    assert not resets(acts)
+
+
+def test_unsupported_kernel_warns_once_and_is_never_asked_again() -> None:
+    """EOPNOTSUPP: one warning, no crash, no change to the rule, and no further rounds."""
+    s, _ = settle(initial(P), probed(True))
+    s, out = settle(s, probed(False, DEATH))
+    assert resets(out)
+    s, acts = step(s, ConnectionsReset(False, error="SOCK_DESTROY: Operation not supported",
+                                       unsupported=True), T0)
+    warns = [a for a in acts if isinstance(a, Log)]
+    assert [(w.level, w.event) for w in warns] == [("warning", "connections-reset-failed")]
+    assert "CONFIG_INET_DIAG_DESTROY" in warns[0].fields["reason"]
+    assert s.applied is Mode.BLOCK and not sets(acts)
+    s, out = settle(s, AdminRead(HINT, DRAIN))
+    s, out2 = settle(s, AdminRead(HINT, BLOCK))
+    assert Mode.DRAIN in sets(out) and Mode.BLOCK in sets(out2)
+    assert not resets(out + out2)
+
+
+def test_failed_round_warns_once_per_reason_and_the_drain_goes_on() -> None:
+    """A failing destroy (EPERM): one warning per new reason; the drain keeps sweeping."""
+    s, _ = settle(initial(P), probed(True))
+    s, _ = settle(s, AdminRead(HINT, DRAIN))
+    bad = ConnectionsReset(True, error="SOCK_DESTROY: Operation not permitted")
+    s, acts = step(s, bad, T0)
+    assert [a.event for a in acts if isinstance(a, Log)] == ["connections-reset-failed"]
+    assert any(isinstance(a, SweepAt) for a in acts)
+    s, _ = step(s, SweepDue(), T0 + P.drain_sweep_ns)
+    s, acts = step(s, bad, T0 + P.drain_sweep_ns)
+    assert not any(isinstance(a, Log) for a in acts), "the same failure is said once"
+
+
+def test_drain_sweep_goes_on_through_a_repair_in_flight() -> None:
+    """A safety-net repair in flight when a sweep round answers: the next sweep is still set."""
+    s, _ = settle(initial(P), probed(True))
+    s, _ = settle(s, AdminRead(HINT, DRAIN))
+    s, acts = step(s, Tick(HINT), T0)
+    assert sets(acts) == [Mode.DRAIN], "the repair"
+    s, acts = step(s, ConnectionsReset(True, {}), T0)
+    assert SweepAt(T0 + P.drain_sweep_ns) in acts
+
+
+def test_block_during_a_drain_round_queues_a_full_reset() -> None:
+    """A full block while a drain's idle round is out: the full reset follows that round."""
+    s, _ = settle(initial(P), probed(True))
+    s, out = settle(s, AdminRead(HINT, DRAIN))
+    assert resets(out) == [ResetConnections(True, P.drain_quiet_ms)]
+    s, out = settle(s, AdminRead(HINT, BLOCK))
+    assert not resets(out), "one round in flight at most"
+    s, acts = step(s, ConnectionsReset(True, {}), T0)
+    assert resets(acts) == [ResetConnections(False, 0)]
 
 
 # --------------------------------------------------------------------- the state machine
@@ -316,6 +420,9 @@ class Core(RuleBasedStateMachine):
         self.applied_seen = False
         self.bounds = 0
         self.ready_published = False
+        self.resets = 0  # ResetConnections in flight
+        self.sweep_pending = False
+        self.unsupported = False
 
     def feed(self, inp: control.Input) -> None:
         """Step the core, check each action against what the model knows."""
@@ -334,6 +441,8 @@ class Core(RuleBasedStateMachine):
         if isinstance(inp, Applied | ApplyFailed):
             self.in_flight -= 1
             self.applied_seen |= isinstance(inp, Applied)
+        if isinstance(inp, ConnectionsReset):
+            self.resets -= 1
         assert self.exits == 0 or not acts, "actions after Exit"
         for a in acts:
             if isinstance(a, SetFirewall | RemoveChain):
@@ -367,6 +476,16 @@ class Core(RuleBasedStateMachine):
                 assert isinstance(a.what, NotifyKind)
             elif isinstance(a, Count) and a.what is Tally.FAILOVER:
                 assert isinstance(inp, Applied) and a.latency_ns >= 0
+            elif isinstance(a, ResetConnections):
+                self.resets += 1
+                assert self.resets == 1, "two connection resets in flight"
+                assert not self.unsupported, "asked the kernel again after EOPNOTSUPP"
+                # a full reset only under a full block, a drain only ends idle connections
+                want = Mode.DRAIN if a.idle_only else Mode.BLOCK
+                assert self.s.applied is want and desired_mode(self.s) is want, (a, self.s)
+            elif isinstance(a, SweepAt):
+                assert a.at_ns - self.now == P.drain_sweep_ns
+                self.sweep_pending = True
         assert before.admin == self.s.admin or isinstance(inp, AdminRead)
 
     @rule(ok=st.booleans(), death=st.booleans(), dt=st.integers(0, 400 * MS))
@@ -411,6 +530,20 @@ class Core(RuleBasedStateMachine):
         """The stop's outer bound passes (the timer the first Stop armed)."""
         self.now += dt
         self.feed(StopBound())
+    @precondition(lambda self: self.resets == 1)
+    @rule(n=st.integers(0, 3), unsupported=st.booleans(), idle=st.booleans())
+    def connections_reset(self, n: int, unsupported: bool, idle: bool) -> None:
+        """The reset round in flight ends (or finds no SOCK_DESTROY)."""
+        self.unsupported |= unsupported
+        self.feed(ConnectionsReset(idle, {"ipv4": n}, error="Operation not supported"
+                                   if unsupported else "", unsupported=unsupported))
+
+    @precondition(lambda self: self.sweep_pending)
+    @rule()
+    def sweep_due(self) -> None:
+        """The drain's sweep timer fires."""
+        self.sweep_pending = False
+        self.feed(SweepDue())
 
     @invariant()
     def settled_means_wanted(self) -> None:

@@ -203,3 +203,21 @@ def test_write_textfile_never_follows_a_planted_temporary_symlink(tmp_path: Path
     write_textfile(tmp_path / "m.prom", b"x")
     assert victim.read_text() == "keep"
     assert (tmp_path / "m.prom").read_bytes() == b"x" and not (tmp_path / "m.prom").is_symlink()
+
+
+def test_connections_reset_are_counted_by_mode_and_family_from_zero() -> None:
+    """connections_reset adds per (mode, family); every pair is shown from the start at 0."""
+    m = Metrics(Path("/x.prom"), "v", writer=lambda p, d: None)
+    try:
+        first = render(m.snapshot())
+        m.connections_reset("block", "ipv4", 3)
+        m.connections_reset("drain", "ipv6", 1)
+        m.connections_reset("block", "ipv4", 2)
+        data = render(m.snapshot())
+    finally:
+        m.close()
+    name = "sslvpn_heartbeat_connections_reset_total"
+    assert _v(first, name, mode="drain", family="ipv4") == 0
+    assert _v(data, name, mode="block", family="ipv4") == 5
+    assert _v(data, name, mode="drain", family="ipv6") == 1
+    assert _v(data, name, mode="block", family="ipv6") == 0

@@ -84,10 +84,22 @@ def test_nginx_conf_retries_on_errors_only_with_short_connect_and_local_files(tm
 
 
 def test_cluster_refuses_an_unknown_gateway_kind() -> None:
-    """gateway= is haproxy or nginx; nginx only with server-close."""
+    """gateway= is haproxy or nginx; http_mode is server-close or keep-alive (either gateway)."""
     from tests.testbed.cluster import Cluster
 
     with pytest.raises(ValueError, match="gateway"):
         Cluster(2, gateway="envoy")
     with pytest.raises(ValueError, match="server-close"):
-        Cluster(2, gateway="nginx", http_mode="keep-alive")
+        Cluster(2, gateway="nginx", http_mode="pipelined")
+    assert Cluster(2, gateway="nginx", http_mode="keep-alive").nginx_keepalive == 16
+
+
+def test_nginx_conf_with_keepalive_pools_and_reuses_server_connections(tmp_path: Path) -> None:
+    """keepalive=N: an upstream pool of N, HTTP/1.1 to the servers, no Connection: close."""
+    from tests.testbed.cluster import render_nginx_conf
+
+    text = render_nginx_conf([("server1", "10.200.1.2", 8080)], "10.200.0.1", tmp_path, 16, "1s")
+    for line in ("keepalive 16;", "proxy_http_version 1.1;", 'proxy_set_header Connection "";',
+                 "proxy_connect_timeout 1s;"):
+        assert line in text
+    assert "keepalive 1" not in render_nginx_conf([("s", "10.0.0.1", 80)], "10.0.0.2", tmp_path)

@@ -185,6 +185,8 @@ def cmd_block(args: argparse.Namespace) -> int:
                       "packets too, so there is nothing to wait for; a drain lets them finish)")
     if args.timeout is not None and not args.wait:
         return _usage("--timeout needs --wait")
+    if getattr(args, "then_reset", False) and args.timeout is None:
+        return _usage("--then-reset needs --wait --timeout SECONDS (what is left then is reset)")
     seconds = None
     if args.for_ is not None:
         try:
@@ -213,8 +215,36 @@ def cmd_block(args: argparse.Namespace) -> int:
           f"(chain {cfg.firewall.chain}, {'+'.join(str(f) for f in fw.families)}){timed}",
           file=sys.stderr if args.wait else sys.stdout)
     if args.wait:
-        return _wait_drained(cfg, log, args.timeout)
+        code = _wait_drained(cfg, log, args.timeout)
+        if code == EX_TEMPFAIL and getattr(args, "then_reset", False):
+            return _reset_left(cfg, log)
+        return code
     return EX_OK
+
+
+EX_RESET = 1  # block --drain --wait --then-reset: the timeout passed, what was left was reset
+
+
+def _reset_left(cfg: Config, log: Any) -> int:
+    """End the established connections to the port from other hosts that the drain's timeout
+    left: exit 1 once none remains, 75 when the kernel refused or some remain."""
+    from watcher.sources.sock_destroy import reset_connections
+
+    port = cfg.service.port
+    out = reset_connections(port, lambda c: False)
+    n = sum(out.reset.values())
+    log.info(Event.CONNECTIONS_RESET, reset_ipv4=out.reset["ipv4"], reset_ipv6=out.reset["ipv6"],
+             kept=0, drain=True, trigger="admin", **{"event.duration": out.duration_ns})
+    if out.error:
+        log.warning(Event.CONNECTIONS_RESET_FAILED, reason=out.error, drain=True, trigger="admin")
+        print(f"sslvpn-heartbeat: --then-reset: {out.error}; {n} reset, the drain stays in "
+              "force", file=sys.stderr)
+        return EX_TEMPFAIL
+    left = _established(port)
+    print(f"reset: {n} established connection{'' if n == 1 else 's'} to port {port} "
+          f"ended after the timeout; {left} remain{'s' if left == 1 else ''} (loopback ones "
+          "are never reset)", file=sys.stderr)
+    return EX_RESET if left == 0 else EX_TEMPFAIL
 
 
 def _wait_drained(cfg: Config, log: Any, timeout: float | None) -> int:
@@ -433,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --drain: wait until no established connection to the port remains")
     b.add_argument("--timeout", type=_positive_seconds, default=None, metavar="SECONDS",
                    help="with --wait: give up after SECONDS (exit 75, the drain kept)")
+    b.add_argument("--then-reset", dest="then_reset", action="store_true",
+                   help="with --wait --timeout: on timeout, end (TCP reset) the connections from "
+                        "other hosts that are left; exit 1 when none remains then")
     b.set_defaults(func=cmd_block)
     u = sub.add_parser("unblock", parents=[common], help="lift the admin block")
     u.set_defaults(func=cmd_unblock)

@@ -44,6 +44,8 @@ class Event(enum.StrEnum):
     FIREWALL_REMOVE = "firewall-remove", "configuration", "deletion", "success"
     ADMIN_BLOCK = "admin-block", "configuration", "change", "success"
     ADMIN_UNBLOCK = "admin-unblock", "configuration", "change", "success"
+    CONNECTIONS_RESET = "connections-reset", "network", "connection end", "success"
+    CONNECTIONS_RESET_FAILED = "connections-reset-failed", "network", "connection info", "failure"
     DRAIN_COMPLETE = "drain-complete", "network", "info", "success"
     DRAIN_TIMEOUT = "drain-timeout", "network", "info", "failure"
     APPLY_FAILED = "apply-failed", "configuration", "change", "failure"

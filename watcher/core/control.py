@@ -24,6 +24,11 @@ out the actions it returns, in order. The core owns:
 * **what the outputs show**: the one ``Status`` that the status file, STATUS=, the metrics and
   the agent check render (``ready``: the agent check may answer), and what the metrics count
   (``Count``: a failover is a new mode in effect after an event other than start-up).
+* **established connections** (``established = "reset"``): once a full block is in effect,
+  the established connections to the port from other hosts are ended (``ResetConnections``);
+  while a drain is in effect, the idle ones are, again every ``drain_sweep`` while it lasts
+  (``watcher.core.sessions`` says which are idle). At most one such round is in flight; a
+  kernel without SOCK_DESTROY is reported once and never asked again.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 from rules.model import Mode
 from watcher.config import Config, LogLevel, OnExit
 from watcher.core.catalogue import Event
+from watcher.core.sessions import DEFAULT_QUIET_MS
 from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.errors import EX_OK, EX_TEMPFAIL
 
@@ -45,6 +51,7 @@ __all__ = [
     "AdminRead",
     "Applied",
     "ApplyFailed",
+    "ConnectionsReset",
     "Count",
     "Exit",
     "Health",
@@ -59,6 +66,7 @@ __all__ = [
     "ReadAdminAt",
     "Reloaded",
     "RemoveChain",
+    "ResetConnections",
     "RetryAt",
     "RetryDue",
     "SetFirewall",
@@ -67,6 +75,8 @@ __all__ = [
     "Stop",
     "StopBound",
     "StopBoundAt",
+    "SweepAt",
+    "SweepDue",
     "Tally",
     "Tick",
     "desired_mode",
@@ -105,6 +115,9 @@ class Params:
     abort_flush_ns: int = 500_000_000  # a second SIGTERM: how long the log may take to flush
     retry_min_ns: int = 100_000_000
     retry_max_ns: int = 5 * _S
+    established: str = "reset"  # reset | keep: what a block does to established connections
+    drain_quiet_ms: int = DEFAULT_QUIET_MS  # a drain ends connections idle this long
+    drain_sweep_ns: int = 100_000_000  # and looks for newly idle ones this often
 
     def __post_init__(self) -> None:
         if self.rise < 1 or self.fall < 1 or self.rise_interval_ns < 0:
@@ -112,6 +125,10 @@ class Params:
         if self.on_exit not in tuple(OnExit):
             raise ValueError(f"invalid on_exit: {self.on_exit!r}")
         object.__setattr__(self, "on_exit", OnExit(self.on_exit))  # a plain string becomes one
+        if self.established not in ("reset", "keep"):
+            raise ValueError(f"invalid established: {self.established!r}")
+        if self.drain_quiet_ms < 0 or self.drain_sweep_ns <= 0:
+            raise ValueError(f"invalid drain bounds: {self!r}")
 
     @classmethod
     def from_config(cls, cfg: Config) -> Params:
@@ -119,7 +136,9 @@ class Params:
         return cls(rise=cfg.probe.rise, fall=cfg.probe.fall,
                    rise_interval_ns=cfg.probe.rise_interval_ms * 1_000_000,
                    on_exit=cfg.firewall.on_exit,
-                   attempt_ns=_attempt_ns(cfg.firewall.lock_wait_s))
+                   attempt_ns=_attempt_ns(cfg.firewall.lock_wait_s),
+                   established=cfg.firewall.established,
+                   drain_quiet_ms=cfg.firewall.drain_idle_ms)
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,11 @@ class State:
     ready: bool = False
     stop_at_ns: int | None = None  # set by Stop
     exited: bool = False
+    resetting: bool = False  # a ResetConnections is in flight
+    reset_next: bool | None = None  # the next one's idle_only, issued when it answers
+    sweep_at_ns: int | None = None  # the drain's next look for idle connections
+    reset_off: str = ""  # why connections are never reset in this run ("": they are)
+    reset_error: str = ""  # the last failed round's reason, warned about once
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -248,8 +272,27 @@ class StopBound:
     """The bound a ``StopBoundAt`` set has passed: whatever is in flight, the agent ends."""
 
 
+@dataclass(frozen=True)
+class ConnectionsReset:
+    """A ResetConnections round ended: connections ended per peer family, those kept (busy,
+    in a drain), and why it stopped early ("" if it did not; ``unsupported``: the kernel has
+    no SOCK_DESTROY)."""
+
+    idle_only: bool
+    reset: Mapping[str, int] = field(default_factory=dict)
+    kept: int = 0
+    error: str = ""
+    unsupported: bool = False
+    duration_ns: int = 0
+
+
+@dataclass(frozen=True)
+class SweepDue:
+    """The time a ``SweepAt`` asked for has come: look for newly idle connections."""
+
+
 Input = (Probed | AdminRead | Applied | ApplyFailed | RetryDue | Tick | Reloaded | Stop
-         | StopBound)
+         | StopBound | ConnectionsReset | SweepDue)
 
 
 # ------------------------------------------------------------------------------------ actions
@@ -318,6 +361,7 @@ class Tally(enum.StrEnum):
     PROBE_FAILED = "probe-failed"
     APPLY_FAILED = "apply-failed"
     ALIVE = "alive"  # the safety-net tick: the agent lives (the metrics file is rewritten)
+    CONNECTIONS_RESET = "connections-reset"  # ``n`` connections of ``family`` ended in ``mode``
 
 
 @dataclass(frozen=True)
@@ -328,6 +372,9 @@ class Count:
     what: Tally
     latency_ns: int = 0
     check: str = ""
+    mode: str = ""
+    family: str = ""
+    n: int = 0
 
 
 @dataclass(frozen=True)
@@ -372,8 +419,25 @@ class Exit:
     flush_ns: int | None = None
 
 
+@dataclass(frozen=True)
+class ResetConnections:
+    """End the established connections to the port from peers other than this host (off the
+    event loop); ``idle_only``: only those idle for ``quiet_ms`` (``watcher.core.sessions``).
+    Answer with ConnectionsReset."""
+
+    idle_only: bool
+    quiet_ms: int = 0
+
+
+@dataclass(frozen=True)
+class SweepAt:
+    """Feed ``SweepDue`` at ``at_ns``."""
+
+    at_ns: int
+
+
 Action = (SetFirewall | RemoveChain | ProbeAt | RetryAt | ReadAdminAt | StopBoundAt | Log
-          | Count | Publish | Notify | Exit)
+          | Count | Publish | Notify | Exit | ResetConnections | SweepAt)
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -535,7 +599,65 @@ def _applied(s: State, i: Applied, out: list[Action]) -> State:
         out.append(Notify(NotifyKind.READY))
         out.append(Log(LogLevel.INFO, Event.AGENT_READY, {"mode": str(c.mode),
                                                "health.state": nxt.health.value}))
+    if (c.mode in (Mode.BLOCK, Mode.DRAIN) and (not c.repair or i.changed)
+            and desired_mode(nxt) is c.mode and nxt.stop_at_ns is None):
+        nxt = _request_reset(replace(nxt, sweep_at_ns=None), c.mode is Mode.DRAIN, out)
     return nxt
+
+
+# ------------------------------------------------------------------------------------ sessions
+
+def _request_reset(s: State, idle_only: bool, out: list[Action]) -> State:
+    """Issue a ResetConnections (or queue it behind the one in flight) unless resets are off."""
+    if s.params.established != "reset" or s.reset_off:
+        return s
+    if s.resetting:  # a full reset supersedes an idle one
+        nxt = idle_only if s.reset_next is None else (s.reset_next and idle_only)
+        return replace(s, reset_next=nxt)
+    out.append(ResetConnections(idle_only, s.params.drain_quiet_ms if idle_only else 0))
+    return replace(s, resetting=True)
+
+
+def _draining(s: State) -> bool:
+    """The kernel holds a drain and a drain is wanted (a repair in flight does not stop it)."""
+    return s.applied is Mode.DRAIN and desired_mode(s) is Mode.DRAIN
+
+
+def _connections_reset(s: State, i: ConnectionsReset, now: int, out: list[Action]) -> State:
+    s = replace(s, resetting=False)
+    if i.unsupported:
+        reason = (f"{i.error}: this kernel cannot end sockets (CONFIG_INET_DIAG_DESTROY); "
+                  "established connections are left to end by themselves, the rule stays")
+        out.append(Log(LogLevel.WARNING, Event.CONNECTIONS_RESET_FAILED, {"reason": reason}))
+        return replace(s, reset_off=reason, reset_next=None, sweep_at_ns=None)
+    if i.error and i.error != s.reset_error:
+        out.append(Log(LogLevel.WARNING, Event.CONNECTIONS_RESET_FAILED, {
+            "reason": f"{i.error}; the rule stays in force", "drain": i.idle_only}))
+    s = replace(s, reset_error=i.error)
+    ipv4, ipv6 = i.reset.get("ipv4", 0), i.reset.get("ipv6", 0)
+    if ipv4 or ipv6 or not i.idle_only:
+        out.append(Log(LogLevel.INFO, Event.CONNECTIONS_RESET, {
+            "reset_ipv4": ipv4, "reset_ipv6": ipv6, "kept": i.kept, "drain": i.idle_only,
+            "event.duration": i.duration_ns}))
+        for family, n in (("ipv4", ipv4), ("ipv6", ipv6)):
+            if n:
+                out.append(Count(Tally.CONNECTIONS_RESET, mode="drain" if i.idle_only else "block",
+                                 family=family, n=n))
+    if s.reset_next is not None:
+        nxt, s = s.reset_next, replace(s, reset_next=None)
+        if _draining(s) if nxt else s.applied is Mode.BLOCK and desired_mode(s) is Mode.BLOCK:
+            return _request_reset(s, nxt, out)
+    if _draining(s):
+        out.append(SweepAt(now + s.params.drain_sweep_ns))
+        return replace(s, sweep_at_ns=now + s.params.drain_sweep_ns)
+    return s
+
+
+def _sweep_due(s: State, out: list[Action]) -> State:
+    if s.sweep_at_ns is None:
+        return s
+    s = replace(s, sweep_at_ns=None)
+    return _request_reset(s, True, out) if _draining(s) else s
 
 
 def _failed(s: State, i: ApplyFailed, now: int, out: list[Action]) -> State:
@@ -625,6 +747,10 @@ def step(s: State, inp: Input, now_ns: int) -> tuple[State, tuple[Action, ...]]:
             s = _failed(s, inp, now_ns, out)
         case RetryDue():
             s = replace(s, retry_at_ns=None)
+        case ConnectionsReset():
+            s = _connections_reset(s, inp, now_ns, out)
+        case SweepDue():
+            s = _sweep_due(s, out)
         case Tick(trigger=trigger):
             # Only what was applied can be repaired; a failed change is being retried anyway.
             s = replace(s, repair_due=trigger if s.applied is not None else None)

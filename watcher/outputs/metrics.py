@@ -65,6 +65,9 @@ class Snapshot:
     probe_failures: Mapping[str, int] = field(default_factory=dict)
     apply_failures: int = 0
     log_dropped: int = 0
+    # connections the agent ended, by (mode: block | drain, peer family: ipv4 | ipv6)
+    connections_reset: Mapping[tuple[str, str], int] = field(default_factory=lambda: {
+        (m, f): 0 for m in ("block", "drain") for f in ("ipv4", "ipv6")})
 
 
 def _families(s: Snapshot) -> Iterator[Metric]:
@@ -108,6 +111,13 @@ def _families(s: Snapshot) -> Iterator[Metric]:
                               value=float(s.apply_failures))
     yield CounterMetricFamily(f"{p}_log_dropped", "Log lines a stalled sink lost.",
                               value=float(s.log_dropped))
+    resets = CounterMetricFamily(f"{p}_connections_reset",
+                                 "Established connections the agent ended (SOCK_DESTROY): all "
+                                 "of them on a full block, idle ones in a drain.",
+                                 labels=["mode", "family"])
+    for (mode_, family), n in sorted(s.connections_reset.items()):
+        resets.add_metric([mode_, family], float(n))
+    yield resets
     info = GaugeMetricFamily(f"{p}_build_info", "Always 1; the agent's version as a label.",
                              labels=["version"])
     info.add_metric([s.version], 1.0)
@@ -214,6 +224,13 @@ class Metrics:
         with self._lock:
             n = self._snap.apply_failures + 1
         self._update(apply_failures=n)
+
+    def connections_reset(self, mode: str, family: str, n: int) -> None:
+        """``n`` established connections from ``family`` peers were ended in ``mode``."""
+        with self._lock:
+            counts = dict(self._snap.connections_reset)
+            counts[mode, family] = counts.get((mode, family), 0) + n
+        self._update(connections_reset=counts)
 
     def log_dropped(self, total: int) -> None:
         """The log sinks have dropped ``total`` lines since the agent started."""

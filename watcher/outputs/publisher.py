@@ -92,6 +92,8 @@ class Outputs:
                 m.apply_failure()
             case control.Tally.ALIVE:
                 m.tick()  # the file's mtime says the agent is alive
+            case control.Tally.CONNECTIONS_RESET:
+                m.connections_reset(act.mode, act.family, act.n)
 
     def _publish(self, status: control.Status) -> None:
         self._io.submit(self._write_status, status)
