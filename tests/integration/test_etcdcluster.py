@@ -8,7 +8,6 @@ a member would fail here.
 from __future__ import annotations
 
 import base64
-import contextlib
 import http.client
 import json
 import os
@@ -20,6 +19,7 @@ import pytest
 
 from tests.etcdcluster import CLIENT_PORT, EtcdCluster
 from tests.netns import Netns, wait_for
+from tests.testbed.fakesvc import pid_alive
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -86,7 +86,7 @@ def test_kill_leader_elects_another_and_restart_rejoins(etcd: EtcdCluster, etcd_
     pid = etcd.member(old).proc.pid  # type: ignore[union-attr]
     etcd.kill(old, signal.SIGKILL)
     assert not etcd.running(old)
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not pid_alive(pid)
     new = etcd.leader()
     assert new != old
     key = etcd_prefix + "during"
@@ -155,9 +155,7 @@ def test_close_leaves_no_process_or_namespace() -> None:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     for name in names:
         assert name not in listed
-    for pid in pids:
-        with contextlib.suppress(FileNotFoundError):
-            assert open(f"/proc/{pid}/stat").read().split()[2] in ("Z", "X")
+    assert not any(pid_alive(pid) for pid in pids)
 
 
 def test_tls_members_demand_a_client_certificate(etcd_tls: EtcdCluster, etcd_prefix: str) -> None:
