@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from rules.model import Mode
 
@@ -38,6 +39,8 @@ __all__ = [
     "is_proven",
     "min_open_count",
     "open_members",
+    "summary",
+    "view_summary",
 ]
 
 # Probe checks whose failure proves the service cannot serve (watcher.probe.CHECKS order).
@@ -151,3 +154,31 @@ def allows_suspect_block(g: Guard, applied: Mode | None) -> bool:
     if g.reachable is not True:
         return g.unreachable == "block"
     return g.asking and applied is Mode.BLOCK
+
+
+def view_summary(view: FleetView, size: int, min_open: int) -> dict[str, Any]:
+    """The group as JSON: members (mode, cause, since), slot holders, size, min_open, how many
+    are open and how many more suspect blocks the budget allows."""
+    return {
+        "members": [{"member": m.name, "mode": m.mode, "cause": m.cause, "since": m.since}
+                    for m in view.members],
+        "slot_holders": list(view.slots),
+        "size": size,
+        "min_open": min_open,
+        "open": open_members(view.members),
+        "budget_left": budget_left(view.members, size, min_open),
+    }
+
+
+def summary(g: Guard) -> dict[str, Any]:
+    """The guard as the status file, ``status --json`` and metrics show it."""
+    return {
+        "member": g.member,
+        "reachable": g.reachable,
+        "unreachable_policy": g.unreachable,
+        "refused": g.refused is not None,
+        "not_open": list(g.refused or ()),
+        "permit": g.permit,
+        "slot_held": g.member in g.view.slots,
+        **view_summary(g.view, g.size, g.min_open),
+    }
