@@ -148,6 +148,19 @@ def test_unreachable_block_policy_decides_alone_and_open_policy_stays_open() -> 
         assert s.applied is want
 
 
+def test_a_refusal_from_before_an_outage_stands_through_it() -> None:
+    """Refused, then etcd goes away: the port stays open (the outage changes no rule), and the
+    permit is asked again once etcd is back."""
+    s, _ = run(guarded("block"), fail())
+    s, _ = run(s, PermitAnswer(False, ("a", "b"), 1))
+    s, acts = run(s, FleetUnreachable("down"))
+    assert s.applied is Mode.OPEN and not any(isinstance(a, SetFirewall) for a in acts)
+    s, acts = run(s, Tick(HINT))
+    assert s.applied is Mode.OPEN and not any(isinstance(a, AskPermit) for a in acts)
+    s, acts = run(s, FleetReachable())
+    assert any(isinstance(a, AskPermit) for a in acts)
+
+
 def test_reachable_again_reregisters_and_rechecks_a_lone_block_holding_it_meanwhile() -> None:
     """Back from an outage: fleet-reachable, the kernel's mode registered anew, a block taken
     alone is held while the permit is asked, and opened if refused."""
@@ -350,7 +363,8 @@ class Fleet(RuleBasedStateMachine):
                 assert s.applied is Mode.BLOCK
             if not a.connected:
                 if s.health is Health.DOWN and g.suspect and not g.permit:
-                    assert s.applied is (Mode.BLOCK if g.unreachable == "block" else Mode.OPEN)
+                    alone = g.unreachable == "block" and g.refused is None
+                    assert s.applied is (Mode.BLOCK if alone else Mode.OPEN)
                 continue
             assert self.store[a.name].mode == str(s.applied), (a.name, self.store, s.applied)
             if s.health is Health.DOWN and g.suspect:

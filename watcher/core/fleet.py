@@ -12,7 +12,8 @@ A group of ``size`` agents shares one budget: at least ``min_open`` members must
   open.
 * With etcd unreachable the guard is never worse than no guard: a permit already held keeps
   its block, a suspect DOWN follows ``unreachable`` (``block``: as a lone agent; ``open``: stay
-  open), and nothing changes a rule merely because etcd went away.
+  open), and nothing changes a rule merely because etcd went away (a suspect DOWN refused
+  before the outage stays open through it; it asks again once etcd is back).
 
 The etcd client (``watcher.fleet``) evaluates :func:`grant` inside its compare-and-swap loop
 and carries out the actions the control core derives from :class:`Guard`; it decides nothing.
@@ -151,8 +152,8 @@ def allows_suspect_block(g: Guard, applied: Mode | None) -> bool:
     ``unreachable`` says; while a permit is being asked, the kernel keeps what it holds."""
     if g.permit:
         return True
-    if g.reachable is not True:
-        return g.unreachable == "block"
+    if g.reachable is not True:  # a refusal from before the outage stands: the outage alone
+        return g.unreachable == "block" and g.refused is None  # never changes a rule
     return g.asking and applied is Mode.BLOCK
 
 
