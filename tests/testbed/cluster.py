@@ -21,6 +21,8 @@ With ``backend=True`` the servers also share a back end (an LDAP/RADIUS stand-in
     server i back0 10.201.0.(10+i) ── bridge (switch namespace) ── 10.201.0.1:389 back end
 
 and each fake service checks it on the paths ``backend_paths`` (default: every path).
+With ``etcd=`` (a started tests.etcdcluster.EtcdCluster) every server namespace is also attached
+to the etcd members' segment (``server.etcd_addr``) before any agent starts.
 ``backend_down()`` kills it (every server then fails those paths with 503 while its core
 lives and its port accepts connections), ``backend_hang()`` stops it (connections are accepted
 but never greeted), ``backend_up()`` / ``backend_resume()`` undo that.
@@ -45,10 +47,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tests.netns import REPO, Lan, Netns, enter_netns, wait_for
 from tests.testbed import fakesvc
+
+if TYPE_CHECKING:  # tests.etcdcluster imports this module
+    from tests.etcdcluster import EtcdCluster
 
 __all__ = [
     "CHAIN",
@@ -319,6 +324,7 @@ class Server:
         self.agent: subprocess.Popen[bytes] | None = None
         self._gateway_ns = gateway_ns
         self.backend_args = list(backend_args)  # fakesvc's --backend options, or []
+        self.etcd_addr: str | None = None  # its address on the etcd segment (Cluster(etcd=...))
 
     def __repr__(self) -> str:
         return f"<Server {self.name} {self.addr} ns={self.ns.name}>"
@@ -429,7 +435,8 @@ class Cluster:
                  agent_check: tuple[int, str] | None = None,
                  gateway: str = "haproxy", backend: bool = False,
                  backend_paths: Sequence[str] = ("/",),
-                 backend_timeout: float = fakesvc.DEFAULT_BACKEND_TIMEOUT) -> None:
+                 backend_timeout: float = fakesvc.DEFAULT_BACKEND_TIMEOUT,
+                 etcd: EtcdCluster | None = None) -> None:
         if not 1 <= n_servers <= 9:
             raise ValueError("n_servers must be between 1 and 9")
         if gateway not in GATEWAY_KINDS:
@@ -465,6 +472,7 @@ class Cluster:
         self.backend_lan: Lan | None = None
         self.backend_ns: Netns | None = None
         self.backend_proc: subprocess.Popen[bytes] | None = None
+        self.etcd = etcd  # a started EtcdCluster each server is attached to (before agents start)
         self._closed = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -505,6 +513,8 @@ class Cluster:
             _veth(ns, "eth0", srv.addr, gw, f"toserver{i}", srv.gateway_addr)
             if self.backend_lan is not None:
                 self.backend_lan.attach(ns, 10 + i, "back0")
+            if self.etcd is not None:
+                srv.etcd_addr = self.etcd.attach(ns)
             with open(d / "listener.log", "ab") as log:
                 ns.popen([sys.executable, "-m", "tests.testbed.fakesvc", "serve", "--state-dir",
                           str(d), "--name", srv.name, "--port", str(self.port),
