@@ -9,7 +9,11 @@ agent's etcd client must respect, each pinned below:
 * One client talks to one host: the agent rotates over its endpoints itself.
 * 2.0 stores ``timeout`` where requests never reads it: without a session that applies a
   timeout, a request to a partitioned member hangs. A ``requests.Session`` assigned to
-  ``client.session`` (2.0 has no ``session=`` parameter) works on both releases.
+  ``client.session`` (2.0 has no ``session=`` parameter) works on both releases, but newer
+  releases pass ``timeout=None`` explicitly when built without one: the session's default must
+  replace a None, not ``setdefault`` it.
+* requests lets the environment's REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE (and proxy variables)
+  override ``session.verify``: set ``session.trust_env = False``.
 * A failed transaction's answer has no ``succeeded`` key (proto3 JSON omits false).
 * ``lease(ttl)`` drops the granted TTL, which etcd raises to at least 1.5 election timeouts:
   read it back with ``Lease.ttl()``. ``refresh()`` answers -1 once the lease is gone.
@@ -193,6 +197,26 @@ def test_constructor_timeout_is_applied_only_by_newer_releases() -> None:
         assert ctor[0] == "ConnectionTimeoutError", ctor  # the release passes timeout= itself
     else:
         assert ctor[0] == "held until the server hung up", ctor  # 2.0 ignores timeout=
+
+
+def test_what_timeout_each_release_hands_the_session() -> None:
+    """2.0 calls session.post without a timeout; newer releases pass timeout=None when the
+    client was built without one (so a session default set with setdefault never applies)."""
+    seen: list[object] = []
+
+    class Recording(requests.Session):
+        def request(self, method: str | bytes, url: str | bytes, *args: Any, **kw: Any) -> Any:  # type: ignore[override]
+            seen.append(kw.get("timeout", "absent"))
+            raise requests.ConnectionError("recorded, not sent")
+
+    client = Etcd3Client(host="127.0.0.1", port=9, api_path="/v3/")
+    client.session = Recording()
+    with pytest.raises(gw_exc.ConnectionFailedError):
+        client.get("k")
+    if "session" in inspect.signature(Etcd3Client).parameters:
+        assert seen == [None]
+    else:
+        assert seen == ["absent"]
 
 
 # --- leases ----------------------------------------------------------------------------------
