@@ -34,6 +34,11 @@ API (stable: the fleet tests build on it; members are numbered from 1, like the 
         etcd.ca_file, etcd.cert_file, etcd.key_file   # the same (None without TLS)
         etcd.issue_client_cert(cn) -> (cert, key)     # another client certificate from the CA
 
+Fixtures (tests/conftest.py): ``etcd`` and ``etcd_tls`` hand a test the session's shared cluster,
+healthy, and put it back healthy afterwards (``restore()``), whatever the test killed or cut;
+``etcd_prefix`` is a key prefix of the test's own. A testbed cluster whose agents use etcd:
+``Cluster(4, etcd=etcd, ...)`` attaches every server namespace before its agent starts.
+
 In TLS mode the test makes a CA with openssl; members serve clients and peers over https and
 demand a client certificate from that CA (``--client-cert-auth``, ``--trusted-ca-file``).
 

@@ -14,11 +14,13 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from tests.etcdcluster import CLIENT_PORT, EtcdCluster
 from tests.netns import Netns, wait_for
+from tests.testbed.cluster import Cluster
 from tests.testbed.fakesvc import pid_alive
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -186,3 +188,18 @@ def test_wait_healthy_fails_without_quorum_naming_the_cause(etcd: EtcdCluster) -
         etcd.wait_healthy(timeout=6.0)
     wait_for(lambda: etcd.gateway(leader, "kv/range", {"key": _b64("q")}, 2.0) is None, 15.0,
              "the lone member to stop serving linearizable reads")
+
+
+def test_testbed_servers_join_the_etcd_segment(etcd: EtcdCluster, etcd_prefix: str,
+                                               tmp_path: Path) -> None:
+    """Cluster(etcd=...) attaches every server namespace before agents start: each server
+    reaches all three members (etcdctl from the server's namespace)."""
+    with Cluster(2, workdir=tmp_path, etcd=etcd) as cluster:
+        for srv in cluster.servers:
+            assert srv.etcd_addr is not None and srv.etcd_addr.startswith("10.210.0.")
+            out = srv.ns.run(["etcdctl", "--endpoints", ",".join(etcd.endpoints()),
+                              "put", etcd_prefix + srv.name, "open"],
+                             env={**os.environ, "ETCDCTL_API": "3"})
+            assert out.stdout.strip() == "OK"
+    for i, name in zip((1, 2, 3), ("server1", "server2", "server2"), strict=True):
+        assert etcd.call(_get, etcd.member(i).addr, etcd_prefix + name) == "open"
