@@ -89,15 +89,21 @@ def _prefix_end(prefix: str) -> str:
 
 
 class _TimeoutSession(requests.Session):
-    """A session whose requests time out unless they say otherwise."""
+    """A session whose requests time out unless they say otherwise, and that ignores the
+    environment: no proxy for etcd, and the configured CA (requests lets REQUESTS_CA_BUNDLE
+    override a session's ``verify``; the CA of ``fleet.ca_file`` must win)."""
 
     def __init__(self, timeout: float) -> None:
         super().__init__()
         self.default_timeout = timeout
+        self.trust_env = False
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
-        """Like Session.request, with the default timeout when none is given."""
-        kwargs.setdefault("timeout", self.default_timeout)
+        """Like Session.request, with the default timeout and this session's CA."""
+        if kwargs.get("timeout") is None:  # newer etcd3gw releases pass timeout=None
+            kwargs["timeout"] = self.default_timeout
+        if kwargs.get("verify") is None:
+            kwargs["verify"] = self.verify
         return super().request(*args, **kwargs)
 
 
