@@ -87,6 +87,7 @@ class FleetServer:
                       "http_path": "/health"},
             "log": {"format": "json"},
             "state": {"dir": str(self.dir / "state")},
+            "metrics": {"textfile": str(self.dir / "metrics.prom")},
             "fleet": {**self.bed.fleet, "member": self.name, **fleet},
         }
         lines = []

@@ -5,6 +5,7 @@ cluster (tests/etcdcluster.py), shared by the module and put back healthy betwee
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -59,6 +60,16 @@ def test_shared_back_end_down_blocks_exactly_the_budget_and_all_recover(bed: Fle
         time.sleep(0.2)
     view = bed.view()
     assert view["open"] == 2 and view["budget_left"] == 0
+    srv = refused[0]
+    nagios = srv.cli("check", "--nagios")
+    assert nagios.returncode == 2 and "fleet guard keeps it open" in nagios.stdout, nagios
+    status = json.loads(srv.cli("status", "--json").stdout)["fleet"]
+    assert status["refused"] is True and sorted(status["not_open"]) == blocked
+    assert status["reachable"] is True and status["permit"] is False
+    prom = (srv.dir / "metrics.prom").read_text()
+    assert "sslvpn_heartbeat_fleet_guard_refused 1.0" in prom
+    assert 'sslvpn_heartbeat_fleet_members{mode="block"} 2.0' in prom
+    assert "sslvpn_heartbeat_fleet_reachable 1.0" in prom
     bed.backend(True)
     wait_for(lambda: all(s.opened() for s in bed.servers), 30, "all open again", interval=0.2)
     bed.wait_members({s.name: "open" for s in bed.servers})
@@ -161,6 +172,8 @@ def test_all_etcd_members_down_changes_no_rule_and_proven_deaths_still_block(bed
     for s in bed.servers:
         s.agent.wait_event("fleet-unreachable", 30)
     assert all(s.opened() for s in bed.servers)
+    nagios = bed.server(2).cli("check", "--nagios")
+    assert nagios.returncode == 1 and "etcd unreachable" in nagios.stdout, nagios
     bed.server(1).kill_service()
     wait_for(bed.server(1).blocked, 15, "srv1 blocked", interval=0.1)
     assert all(s.opened() for s in bed.servers[1:])
