@@ -7,7 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -32,7 +32,16 @@ from watcher.core.control import (
     initial,
     step,
 )
-from watcher.core.fleet import FleetView, Guard, Member, budget_left, grant, is_proven, min_open_count
+from watcher.core.fleet import (
+    FleetView,
+    Guard,
+    Member,
+    budget_left,
+    grant,
+    is_proven,
+    min_open_count,
+    witnesses,
+)
 from watcher.core.triggers import Evidence, Source, Trigger
 
 MS = 1_000_000
@@ -389,3 +398,42 @@ def test_a_whole_group_failing_at_once_blocks_exactly_the_budget() -> None:
         blocked = [a.name for a in f.agents if a.state.applied is Mode.BLOCK]
         assert len(blocked) == 2, blocked
         f.teardown()
+
+
+@given(size=st.integers(1, 12), min_open=st.integers(0, 12), data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_witness_transactions_never_leave_fewer_than_min_open_open(
+        size: int, min_open: int, data: st.DataObject) -> None:
+    """Racing askers read the store, then commit in any order a transaction comparing only
+    their witnesses' revisions (etcd's compare on mod revision): after every commit at least
+    min_open members are open, and once all are answered every asker still open is refused
+    by the final store (none left waiting while the budget would admit it)."""
+    min_open = min(min_open, size)
+    names = [f"m{i:02d}" for i in range(size)]
+    store = {n: ("open", 1) for n in names}  # name -> (mode, mod revision)
+    rev = 1
+    askers = data.draw(st.lists(st.sampled_from(names), unique=True))
+    pending: dict[str, dict[str, int] | None] = dict.fromkeys(askers)  # read: witness revisions
+    granted: set[str] = set()
+    while pending:
+        who = data.draw(st.sampled_from(sorted(pending)))
+        read = pending[who]
+        members = [Member(n, mode, "health", 0.0) for n, (mode, _) in store.items()]
+        if read is None:  # read the store, decide, pick the witnesses
+            if not grant(members, who, size, min_open).granted:
+                del pending[who]
+                continue
+            pending[who] = {w: store[w][1] for w in witnesses(members, who, min_open)}
+            continue
+        if all(store[w][1] == r for w, r in read.items()):  # the transaction commits
+            rev += 1
+            store[who] = ("block", rev)
+            granted.add(who)
+            del pending[who]
+            assert sum(mode == "open" for mode, _ in store.values()) >= min_open
+        else:
+            pending[who] = None  # compare failed: read again
+    members = [Member(n, mode, "health", 0.0) for n, (mode, _) in store.items()]
+    for n in set(askers) - granted:
+        assert not grant(members, n, size, min_open).granted
+    assert len(granted) == min(len(askers), size - min_open)

@@ -469,7 +469,10 @@ def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
         (nxt, reason), again = _on_fail(s, i.reason, death), None
         nxt = replace(nxt, last_failure=i.reason)
         if nxt.guard is not None:
-            nxt = replace(nxt, guard=replace(nxt.guard, suspect=not is_proven(i.check, death)))
+            g = replace(nxt.guard, suspect=not is_proven(i.check, death))
+            if s.health is not Health.DOWN:
+                g = replace(g, down_cause=i.trigger)
+            nxt = replace(nxt, guard=g)
     if nxt.health is not s.health:
         out.append(Log("info", _TRANSITION[s.health, nxt.health], {
             "reason": reason, **_trig(i.trigger),
@@ -632,7 +635,8 @@ def _fleet_input(s: State, inp: Input, out: list[Action]) -> tuple[State, bool]:
                     "reason": s.last_failure, "open_members": inp.open_count,
                     "not_open": list(inp.not_open), "min_open": g.min_open}))
                 s = replace(s, guard=g)
-                return _want(s, None, f"fleet permit granted: {s.last_failure}", None), False
+                return (_want(s, g.down_cause, f"fleet permit granted: {s.last_failure}", None),
+                        False)
         case PermitAnswer(granted=False):
             nudge, g = g.again, replace(g, asking=False, again=False)
             if _needs_permit(s) and inp.not_open != g.refused:

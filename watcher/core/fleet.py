@@ -15,8 +15,9 @@ A group of ``size`` agents shares one budget: at least ``min_open`` members must
   open), and nothing changes a rule merely because etcd went away (a suspect DOWN refused
   before the outage stays open through it; it asks again once etcd is back).
 
-The etcd client (``watcher.fleet``) evaluates :func:`grant` inside its compare-and-swap loop
-and carries out the actions the control core derives from :class:`Guard`; it decides nothing.
+The etcd client (``watcher.fleet``) evaluates :func:`grant` and :func:`witnesses` inside its
+compare-and-swap loop and carries out the actions the control core derives from
+:class:`Guard`; it decides nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rules.model import Mode
+from watcher.core.triggers import Trigger
 
 __all__ = [
     "PROVEN_CHECKS",
@@ -42,6 +44,7 @@ __all__ = [
     "open_members",
     "summary",
     "view_summary",
+    "witnesses",
 ]
 
 # Probe checks whose failure proves the service cannot serve (watcher.probe.CHECKS order).
@@ -107,6 +110,15 @@ def grant(members: Iterable[Member], me: str, size: int, min_open: int) -> Verdi
     return Verdict(opened >= min_open, tuple(not_open), opened)
 
 
+def witnesses(members: Iterable[Member], me: str, min_open: int) -> tuple[str, ...]:
+    """The ``min_open`` open members (other than ``me``, first by name) whose keys a permit
+    transaction compares: if none of them changed since they were read, at least ``min_open``
+    others are open when it commits. Every asker picking the same first ones keeps racing
+    transactions from invalidating each other: the askers outside that set all fit at once."""
+    opened = sorted(m.name for m in members if m.name != me and m.mode == str(Mode.OPEN))
+    return tuple(opened[:min_open])
+
+
 def budget_left(members: Iterable[Member], size: int, min_open: int) -> int:
     """How many more suspect blocks the group's budget allows now (never below 0)."""
     del size  # unregistered members are already not open: only the open ones give budget
@@ -129,6 +141,7 @@ class Guard:
     refused: tuple[str, ...] | None = None  # members not open at the last refusal
     registered: tuple[str, str] | None = None  # (mode, cause) last asked to register
     view: FleetView = FleetView()
+    down_cause: Trigger | None = None  # the event behind the suspect DOWN (a permit's latency)
 
     @classmethod
     def new(cls, size: int, min_open: int | str, unreachable: str, member: str) -> Guard:

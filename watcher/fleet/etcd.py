@@ -10,8 +10,9 @@ Both belong to the agent's lease: a dead or cut-off server's keys vanish within 
 :class:`Etcd` wraps one ``etcd3gw.Etcd3Client`` per endpoint (the library takes one host) and
 rotates to the next endpoint when one fails. Every request has a timeout (etcd3gw 2.0 ignores
 its own ``timeout`` argument, so the session carries it). The permit and the slots are
-compare-and-swap transactions: the permit compares every member key's mod revision as read,
-so two agents racing for the last permit cannot both win; a slot is taken only if its key does
+compare-and-swap transactions: the permit compares the mod revisions of ``min_open`` open
+members' keys as read (``watcher.core.fleet.witnesses``): it commits only while they are all
+still open, so two agents racing for the last permit cannot both win; a slot is taken only if its key does
 not exist. The decision itself (``watcher.core.fleet.grant``) belongs to the core.
 """
 
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 import requests
 
 from watcher.config import FleetConfig
-from watcher.core.fleet import FleetView, Member, Verdict, grant, min_open_count
+from watcher.core.fleet import FleetView, Member, Verdict, grant, min_open_count, witnesses
 
 __all__ = ["PREFIX", "Etcd", "EtcdError", "Kv", "SlotTaken", "Snapshot"]
 
@@ -230,7 +231,7 @@ class Etcd:
 
     def ask_permit(self, lease: int, since: float, attempts: int = 50) -> Verdict:
         """One compare-and-swap permit: the member key says block only if ``grant`` allows it
-        with every member key unchanged since it was read (retried while others race)."""
+        and the witnesses' keys are unchanged since they were read (retried while others race)."""
         v = Verdict(False, ("no answer",), 0)
         for _ in range(attempts):
             snap = self.snapshot()
@@ -238,11 +239,8 @@ class Etcd:
             if not v.granted:
                 return v
             compare = [{"key": _b64(self.members_prefix + name), "target": "MOD",
-                        "result": "EQUAL", "mod_revision": kv.mod_revision}
-                       for name, kv in snap.members.items()]
-            if self.cfg.member not in snap.members:
-                compare.append({"key": _b64(self.member_key), "target": "CREATE",
-                                "result": "EQUAL", "create_revision": 0})
+                        "result": "EQUAL", "mod_revision": snap.members[name].mod_revision}
+                       for name in witnesses(snap.view().members, self.cfg.member, self.min_open)]
             put = {"request_put": {"key": _b64(self.member_key), "lease": lease,
                                    "value": _b64(self._member_value("block", "health", since))}}
             if self._txn(compare, [put]):
