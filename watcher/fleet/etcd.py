@@ -229,13 +229,18 @@ class Etcd:
                     puts.append({"request_delete_range": {"key": _b64(self.slots_prefix + str(n))}})
         self._txn([], puts)
 
-    def ask_permit(self, lease: int, since: float, attempts: int = 50) -> Verdict:
+    def ask_permit(self, lease: int, since: float, attempts: int = 50,
+                   known: Snapshot | None = None) -> Verdict:
         """One compare-and-swap permit: the member key says block only if ``grant`` allows it
-        and the witnesses' keys are unchanged since they were read (retried while others race)."""
+        and the witnesses' keys are unchanged since they were read (retried while others race).
+        ``known``: the group as the watch has it, tried first (a grant then costs one request;
+        a refusal is always confirmed on a fresh read)."""
         v = Verdict(False, ("no answer",), 0)
         for _ in range(attempts):
-            snap = self.snapshot()
+            snap, known = known or self.snapshot(), None
             v = grant(snap.view().members, self.cfg.member, self.cfg.size, self.min_open)
+            if not v.granted and snap.revision == 0:  # from the watch: confirm on a fresh read
+                continue
             if not v.granted:
                 return v
             compare = [{"key": _b64(self.members_prefix + name), "target": "MOD",
