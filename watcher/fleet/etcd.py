@@ -30,6 +30,7 @@ import requests
 
 from watcher.config import FleetConfig
 from watcher.core.fleet import FleetView, Member, Verdict, grant, min_open_count, witnesses
+from watcher.errors import FacilityMissing
 
 __all__ = ["PREFIX", "Etcd", "EtcdError", "Kv", "SlotTaken", "Snapshot"]
 
@@ -114,8 +115,12 @@ class Etcd:
     def __init__(self, cfg: FleetConfig, *, timeout: float | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         """Clients for every endpoint of ``cfg``; no request is made yet."""
-        import etcd3gw  # only with [fleet]: the agent without it never imports the library
-        from etcd3gw import exceptions as etcd_exceptions
+        try:  # only with [fleet]: the agent without it never imports the library
+            import etcd3gw
+            from etcd3gw import exceptions as etcd_exceptions
+        except ImportError as exc:
+            raise FacilityMissing(f"[fleet] needs the etcd client etcd3gw (Debian: apt install "
+                                  f"python3-etcd3gw): {exc}") from None
 
         self.cfg = cfg
         self.group = f"{PREFIX}{cfg.group}/"
