@@ -200,7 +200,7 @@ class Etcd:
 
     def revoke(self, lease: int) -> None:
         """Revoke ``lease``: the member key and any slot it holds vanish now."""
-        self._post("/kv/lease/revoke", {"ID": lease})
+        self._post("/lease/revoke", {"ID": lease})  # etcd 3.4 (etcd3gw 2.0 posts /kv/lease/revoke)
 
     def lease_of(self, member: str) -> int:
         """The lease the running agent of ``member`` holds its member key with (0: none)."""
