@@ -123,7 +123,7 @@ def stampede(etcd: EtcdCluster, members: int) -> None:
         clients, leases = [], []
         for i in range(members):
             cfg = parse_config({"fleet": {"etcd": etcd.endpoints(), "size": members,
-                                          "group": group, "member": f"m{i:03d}", "lease_s": 30,
+                                          "group": group, "member": f"m{i:03d}", "lease_s": 300,
                                           "min_open": "50%"}}).fleet
             assert cfg is not None
             e = Etcd(cfg, timeout=10.0)
