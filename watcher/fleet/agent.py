@@ -109,7 +109,8 @@ class FleetClient:
 
     def _failed(self, what: str, exc: Exception) -> None:
         """A request failed: after a whole lease without an answer, etcd is unreachable."""
-        self.log.warning(Event.FLEET_ERROR, reason=f"{what}: {exc}", member=self.cfg.member)
+        if self._reachable is not False:  # once fleet-unreachable is said, the retries are quiet
+            self.log.warning(Event.FLEET_ERROR, reason=f"{what}: {exc}", member=self.cfg.member)
         self._kick_watch()  # the watch follows this thread's endpoint, which may have moved
         if self._reachable is not False and self._clock() - self._last_ok > self.cfg.lease_s * 1e9:
             self._reachable = False
