@@ -109,6 +109,27 @@ def failovers(etcd: EtcdCluster, tmp: Path, rounds: int) -> None:
         print(_dist(k, v))
     s0, s1 = statistics.median(suspect["without [fleet]"]), statistics.median(suspect["with [fleet]"])
     print(f"median difference (the permit): {s1 - s0:.2f} ms; permits granted: {granted}/{rounds}")
+    rtt = etcd.call(_round_trips, etcd.endpoints(), 30)
+    print(_dist("one etcd transaction, for scale", rtt))
+
+
+def _round_trips(endpoints: list[str], n: int) -> list[float]:
+    """``n`` single-put transactions through the agent's client, each timed (ms)."""
+    from watcher.config import parse_config
+    from watcher.fleet.etcd import Etcd
+
+    cfg = parse_config({"fleet": {"etcd": endpoints, "size": 1, "group": "bench-rtt",
+                                  "member": "rtt"}}).fleet
+    assert cfg is not None
+    e = Etcd(cfg)
+    lease = e.grant_lease()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        e.register(lease, "open", "health", time.time(), slot=True)
+        out.append((time.perf_counter() - t) * 1000)
+    e.revoke(lease)
+    return out
 
 
 def stampede(etcd: EtcdCluster, members: int) -> None:

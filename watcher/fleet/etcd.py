@@ -295,7 +295,7 @@ class Etcd:
             # gets here, so this costs nothing outside a burst.
             view = snap.view().members
             if self.cfg.member in witnesses(view, "", self.min_open + 1):
-                time.sleep(random.uniform(0.02, 0.06) * min(attempt + 1, 4))
+                time.sleep(random.uniform(0.1, 0.3) * min(attempt + 1, 5))
             else:
                 time.sleep(random.uniform(0, 0.002))
         raise EtcdError(f"permit: the group kept changing through {attempts} attempts")
