@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
+import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ __all__ = [
     "AgentCheckConfig",
     "Config",
     "FirewallConfig",
+    "FleetConfig",
     "LogConfig",
     "MetricsConfig",
     "ProbeConfig",
@@ -101,6 +105,28 @@ class AgentCheckConfig:
     listen: str = ""  # empty: no listener; else "ADDR:PORT" ("[ADDR]:PORT" for IPv6)
 
 
+def _host_name() -> str:
+    """This host's name, the default ``fleet.member``."""
+    return socket.gethostname().split(".", 1)[0] or "localhost"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The fleet guard (``[fleet]``, absent: off): the etcd cluster and the group's budget."""
+
+    etcd: tuple[str, ...] = ()  # endpoint URLs, http:// or https://; required
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    group: str = "default"
+    member: str = field(default_factory=_host_name)
+    size: int = 0  # required: how many servers the group should have
+    min_open: int | str = "50%"  # a count, or a percentage of size ("50%")
+    maintenance_slots: int = 1
+    lease_s: int = 10
+    unreachable: str = "block"  # block | open
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; defaults match the original product's manual page."""
@@ -112,6 +138,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     agent_check: AgentCheckConfig = field(default_factory=AgentCheckConfig)
+    fleet: FleetConfig | None = None  # None: no [fleet] section, the guard is off
 
 
 T = TypeVar("T")
@@ -254,6 +281,59 @@ def _textfile(key: str, v: Any) -> str:
     return v
 
 
+_FLEET_NAME = re.compile(r"[a-zA-Z0-9.-]+")
+
+
+def _fleet_name(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not _FLEET_NAME.fullmatch(v) or len(v) > 253:
+        raise ConfigError(key, f"must match ^[a-zA-Z0-9.-]+$ (at most 253 characters), got {v!r}")
+    return v
+
+
+def _etcd_endpoints(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise ConfigError(key, f"must be a non-empty list of endpoint URLs, got {v!r}")
+    out = []
+    for item in v:
+        if not isinstance(item, str):
+            raise ConfigError(key, f"every endpoint must be a string, got {item!r}")
+        try:
+            u = urllib.parse.urlsplit(item)
+            port = u.port
+        except ValueError as exc:
+            raise ConfigError(key, f"{item!r} is not a URL: {exc}") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(key, f"must be http://HOST:PORT or https://HOST:PORT, got {item!r}")
+        if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+            raise ConfigError(key, f"must be scheme://host:port only (no path, user, query), "
+                              f"got {item!r}")
+        if port is None:
+            raise ConfigError(key, f"must name the port (etcd's client port, usually 2379), "
+                              f"got {item!r}")
+        out.append(item.rstrip("/"))
+    if len({urllib.parse.urlsplit(e).scheme for e in out}) > 1:
+        raise ConfigError(key, "must not mix http:// and https:// endpoints")
+    return tuple(out)
+
+
+def _min_open(key: str, v: Any) -> int | str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 0 <= v <= 100_000:
+            raise ConfigError(key, f"must be a count of at least 0, got {v}")
+        return v
+    if isinstance(v, str) and re.fullmatch(r"[0-9]{1,3}%", v) and int(v[:-1]) <= 100:
+        return v
+    raise ConfigError(key, f"must be a count (2) or a percentage of fleet.size (\"50%\"), got {v!r}")
+
+
+def _optional_path(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    if v:
+        _abs_path(key, v)
+    return v
+
+
 def _service_name_ok(s: str) -> bool:
     return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
@@ -309,7 +389,40 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
     "state": (StateConfig, {"dir": _abs_path}),
     "metrics": (MetricsConfig, {"textfile": _textfile}),
     "agent_check": (AgentCheckConfig, {"listen": _listen}),
+    "fleet": (
+        FleetConfig,
+        {
+            "etcd": _etcd_endpoints,
+            "ca_file": _optional_path,
+            "cert_file": _optional_path,
+            "key_file": _optional_path,
+            "group": _fleet_name,
+            "member": _fleet_name,
+            "size": _int(1, 100_000),
+            "min_open": _min_open,
+            "maintenance_slots": _int(0, 100_000),
+            "lease_s": _int(2, 3600),
+            "unreachable": _choice("block", "open"),
+        },
+    ),
 }
+
+
+def _check_fleet(f: FleetConfig) -> None:
+    """Cross-key rules of ``[fleet]``; each error names the key to fix."""
+    if not f.etcd:
+        raise ConfigError("fleet.etcd", "is required with [fleet] (the etcd endpoint URLs)")
+    if f.size < 1:
+        raise ConfigError("fleet.size", "is required with [fleet] (how many servers the group has)")
+    if isinstance(f.min_open, int) and f.min_open > f.size:
+        raise ConfigError("fleet.min_open", f"must not exceed fleet.size ({f.size}), got {f.min_open}")
+    if bool(f.cert_file) != bool(f.key_file):
+        raise ConfigError("fleet.cert_file" if f.key_file else "fleet.key_file",
+                          "a client certificate needs both fleet.cert_file and fleet.key_file")
+    https = f.etcd[0].startswith("https://")
+    if not https and (f.ca_file or f.cert_file):
+        raise ConfigError("fleet.etcd", "TLS files are set but the endpoints are http://; "
+                          "use https:// endpoints")
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -329,6 +442,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             values[key] = checks[key](full, value)
         sections[section] = cls(**values)
     cfg = Config(**sections)
+    if cfg.fleet is not None:
+        _check_fleet(cfg.fleet)
     if cfg.probe.rise_interval_ms > cfg.probe.interval_s * 1000 * 10:
         raise ConfigError("probe.rise_interval_ms", "must not exceed ten safety-net intervals")
     return cfg
@@ -361,7 +476,7 @@ def load_config(path: Path, *, missing_ok: bool = False) -> Config:
 
 def for_reload(old: Config, new: Config) -> tuple[Config, str]:
     """What a reload applies of ``new``: all of it but ``[firewall]``, ``service.port``,
-    ``[metrics]`` and ``[agent_check]``, which take effect on restart only; the note names
+    ``[metrics]``, ``[agent_check]`` and ``[fleet]``, which take effect on restart only; the note names
     those that differ ("" when none does)."""
     kept = []
     if (new.firewall, new.service.port) != (old.firewall, old.service.port):
@@ -371,6 +486,9 @@ def for_reload(old: Config, new: Config) -> tuple[Config, str]:
     if (new.metrics, new.agent_check) != (old.metrics, old.agent_check):
         kept.append("[metrics] and [agent_check]")
         new = dataclasses.replace(new, metrics=old.metrics, agent_check=old.agent_check)
+    if new.fleet != old.fleet:  # the lease, the member key and the watch belong to one run
+        kept.append("[fleet]")
+        new = dataclasses.replace(new, fleet=old.fleet)
     if not kept:
         return new, ""
     return new, f"these change on restart only; kept the running ones for {', '.join(kept)}"

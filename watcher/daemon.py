@@ -22,6 +22,7 @@ from rules.firewall import Firewall
 from watcher.config import Config, for_reload
 from watcher.core import control
 from watcher.core.catalogue import Event
+from watcher.core.fleet import Guard
 from watcher.core.triggers import Source, Trigger
 from watcher.errors import EX_TEMPFAIL, AgentError
 from watcher.outputs.logpipeline import Logging
@@ -54,7 +55,8 @@ class Daemon:
         self._config_path = config_path
         self._clock = clock
         self._state = StateDir(cfg.state.dir)
-        self._core = control.initial(control.Params.from_config(cfg))
+        self._core = control.initial(control.Params.from_config(cfg), guard=_guard(cfg))
+        self._fleet: Any = None  # watcher.fleet.agent.FleetClient with [fleet], started by run()
         self._pending: Trigger | None = None
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -93,6 +95,9 @@ class Daemon:
                 self._notify.stopping()
             case control.Exit(code=code):
                 self._finish(code)
+            case control.AskPermit() | control.Register():
+                if self._fleet is not None:
+                    self._fleet.carry_out(act)  # queued for the fleet thread: never waits
 
     def _arm(self, name: str, at_ns: int, callback: Callable[..., object], *args: object) -> None:
         """(Re)arm the timer called ``name`` for monotonic time ``at_ns``."""
@@ -233,6 +238,7 @@ class Daemon:
         self._pidfd.attach(loop)
         self._proc.attach(loop)
         self._start_sources()
+        self._start_fleet()
         rounds = loop.create_task(self._rounds())
         self.emit(Trigger(Source.STARTUP, "first probe", self._clock()))
         try:
@@ -246,6 +252,27 @@ class Daemon:
             self._stop_sources()
             self._pidfd.close()
             self._proc.close()
+        if self._fleet is not None:
+            await loop.run_in_executor(None, self._fleet.close)
         await self._outputs.close()
         self._worker.close(stuck=self._core.in_flight is not None)
         return code
+
+    def _start_fleet(self) -> None:
+        """With [fleet]: the etcd client's threads, feeding their answers back to the loop."""
+        if self.cfg.fleet is None:
+            return
+        from watcher.fleet.agent import FleetClient  # imports etcd3gw: only with [fleet]
+
+        def feed(inp: control.Input) -> None:  # from the fleet threads
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(self.feed, inp)
+
+        self._fleet = FleetClient(self.cfg.fleet, feed, self.log, clock=self._clock)
+        self._fleet.start()
+
+
+def _guard(cfg: Config) -> Guard | None:
+    """The fleet guard's initial state with [fleet], else None."""
+    f = cfg.fleet
+    return None if f is None else Guard.new(f.size, f.min_open, f.unreachable, f.member)

@@ -31,11 +31,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import CollectorRegistry
 
+from watcher.core.fleet import Guard
+
 __all__ = [
     "LATENCY_BUCKETS_S",
     "MODES",
+    "FleetMetrics",
     "Metrics",
     "Snapshot",
+    "fleet_metrics",
     "render",
     "write_atomic",
 ]
@@ -63,6 +67,42 @@ class Snapshot:
     probe_failures: Mapping[str, int] = field(default_factory=dict)
     apply_failures: int = 0
     log_dropped: int = 0
+    fleet: FleetMetrics | None = None  # with [fleet]
+
+
+@dataclass(frozen=True)
+class FleetMetrics:
+    """The fleet guard's gauges: members by mode, refused, reachable, slot held."""
+
+    by_mode: Mapping[str, int] = field(default_factory=dict)
+    refused: bool = False
+    reachable: bool = False
+    slot_held: bool = False
+
+
+def fleet_metrics(g: Guard) -> FleetMetrics:
+    """The gauges of the guard ``g``."""
+    by_mode = dict.fromkeys(MODES, 0)
+    for m in g.view.members:
+        if m.mode in by_mode:
+            by_mode[m.mode] += 1
+    return FleetMetrics(by_mode, g.refused is not None, g.reachable is True, g.member in g.view.slots)
+
+
+def _fleet_families(f: FleetMetrics) -> Iterator[Metric]:
+    p = PREFIX
+    members = GaugeMetricFamily(f"{p}_fleet_members", "Registered members of the fleet group, "
+                                "by the mode their kernel holds.", labels=["mode"])
+    for m in MODES:
+        members.add_metric([m], float(f.by_mode.get(m, 0)))
+    yield members
+    yield GaugeMetricFamily(f"{p}_fleet_guard_refused", "1 while the fleet guard refuses this "
+                            "server's suspect block (it fails its probe and stays open).",
+                            value=1.0 if f.refused else 0.0)
+    yield GaugeMetricFamily(f"{p}_fleet_reachable", "1 while etcd answers, else 0.",
+                            value=1.0 if f.reachable else 0.0)
+    yield GaugeMetricFamily(f"{p}_fleet_slot_held", "1 while this member holds a maintenance slot.",
+                            value=1.0 if f.slot_held else 0.0)
 
 
 def _families(s: Snapshot) -> Iterator[Metric]:
@@ -106,6 +146,8 @@ def _families(s: Snapshot) -> Iterator[Metric]:
                               value=float(s.apply_failures))
     yield CounterMetricFamily(f"{p}_log_dropped", "Log lines a stalled sink lost.",
                               value=float(s.log_dropped))
+    if s.fleet is not None:
+        yield from _fleet_families(s.fleet)
     info = GaugeMetricFamily(f"{p}_build_info", "Always 1; the agent's version as a label.",
                              labels=["version"])
     info.add_metric([s.version], 1.0)
@@ -229,6 +271,10 @@ class Metrics:
         with self._lock:
             n = self._snap.apply_failures + 1
         self._update(apply_failures=n)
+
+    def fleet(self, f: FleetMetrics) -> None:
+        """The fleet guard's gauges now."""
+        self._update(fleet=f)
 
     def log_dropped(self, total: int) -> None:
         """The log sinks have dropped ``total`` lines since the agent started."""

@@ -18,9 +18,10 @@ from watcher import __version__
 from watcher.config import Config, parse_listen
 from watcher.core import control
 from watcher.core.catalogue import Event
+from watcher.core.fleet import summary
 from watcher.core.triggers import Source
 from watcher.outputs import agentcheck
-from watcher.outputs.metrics import Metrics
+from watcher.outputs.metrics import Metrics, fleet_metrics
 from watcher.outputs.notify import Notifier
 from watcher.probe import CHECKS
 from watcher.statedir import StateDir
@@ -90,6 +91,8 @@ class Outputs:
         self._io.submit(self._write_status, status, mode)
         if self._metrics is not None:
             self._metrics.status(str(status.health), mode, status.admin is not None)
+            if status.fleet is not None:
+                self._metrics.fleet(fleet_metrics(status.fleet))
             self._metrics.log_dropped(self._dropped())
         if self._check is not None:
             admin = status.admin
@@ -100,8 +103,10 @@ class Outputs:
 
     def _write_status(self, status: control.Status, mode: str | None) -> None:
         """The status file and STATUS= (in the status thread, off the event loop)."""
-        info = {"pid": os.getpid(), "health": str(status.health), "mode": mode,
-                "admin": status.admin is not None, "since": self._wall()}
+        info: dict[str, Any] = {"pid": os.getpid(), "health": str(status.health), "mode": mode,
+                                "admin": status.admin is not None, "since": self._wall()}
+        if status.fleet is not None:
+            info["fleet"] = summary(status.fleet)
         try:
             StateDir(self.cfg.state.dir).write_daemon(info)
         except OSError as exc:
