@@ -19,11 +19,12 @@ from __future__ import annotations
 import functools
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tests.etcdcluster import EtcdCluster
-from tests.testbed.cluster import CHAIN, Cluster, Server, _child_env, default_agent_config
+from tests.testbed.cluster import CHAIN, Cluster, Server, _child_env, default_agent_config, http_get
 from tests.testbed.load import Record, summarize
 from tests.testbed.scenario import BackendOutage, BackendOutageOutcome, run_backend_outage
 
@@ -33,6 +34,7 @@ SIZE = 4
 MIN_OPEN = "50%"
 HEALTH, LOGIN, PORTAL = "/health", "/login", "/"
 GROUP = "sslvpn"
+HAPROXY_RETRIES = 3  # the testbed's "retries 3" with "option redispatch 1"
 
 
 def fleet_guard_config(etcd: EtcdCluster, server: Server, *, lease_s: int = 5) -> str:
@@ -69,10 +71,21 @@ def _pct(bad: int, total: int) -> str:
     return f"{100.0 * bad / total:5.1f} % ({bad}/{total})" if total else "  n/a"
 
 
+def _failure_kind(r: Record, servers: Sequence[Server]) -> str:
+    """Who failed a request: a server's own answer, HAProxy's, or no answer at all."""
+    if r.status == 0:
+        return "no answer"
+    if r.server in {s.name for s in servers}:
+        return f"{r.status} from a server"
+    return f"{r.status} from HAProxy"
+
+
 def _users(recs: Sequence[Record], servers: Sequence[Server], what: str) -> None:
     s = summarize(recs)
-    statuses = dict(sorted(s.by_status.items()))
-    _say(f"{what}: {s.total} requests, {s.bad} failed, answers by status {statuses}")
+    kinds = Counter(_failure_kind(r, servers) for r in recs if r.bad)
+    failed = f"{s.bad} failed" + (f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})"
+                                  if kinds else "")
+    _say(f"{what}: {s.total} requests, {failed}; answered 2xx by:")
     for srv in servers:
         n = s.by_server.get(srv.name, 0)
         _say(f"   {srv.name:>8} {n:5d} {'#' * round(40 * n / max(1, s.total))}")
@@ -86,15 +99,19 @@ def _last_event(srv: Server, action: str) -> dict[str, Any] | None:
 def _narrate_outage(cluster: Cluster, guard: bool) -> None:
     """What every server's agent did by the end of the outage, and (with the guard) the group."""
     s1 = cluster.server(1)
-    _say(f"{s1.name}'s health page now: {s1.get(HEALTH)}; its core lives (pid {s1.core_pid()})"
-         f" and port {s1.port} accepts connections: a suspect DOWN, not a proven one.")
+    health = http_get(s1.ns.name, "127.0.0.1", s1.port, HEALTH)
+    _say(f"{s1.name}# curl http://127.0.0.1:{s1.port}{HEALTH}   -> HTTP {health.status} "
+         f"{health.body.strip()!r}")
+    _say(f"its core lives (pid {s1.core_pid()}) and port {s1.port} accepts connections: for the "
+         "agent a suspect DOWN, not a proven one.")
     for srv in cluster.servers:
-        rules = srv.chain_rules() or []
-        state = "BLOCKED (REJECT in its chain)" if any("REJECT" in r for r in rules) else "open"
+        state = "BLOCKED (REJECT in its chain)" if srv.is_blocked() else "open"
         line = f"{srv.name}: port {srv.port} {state}"
         refused = _last_event(srv, "fleet-guard-refused") if guard else None
         if refused is not None and state == "open":
-            line += f"; its agent logged fleet-guard-refused: {refused.get('message', '')!r}"
+            not_open = ", ".join(refused.get("sslvpn_heartbeat.not_open", [])) or "none"
+            line += (f"; its agent logged fleet-guard-refused (not open: {not_open}; "
+                     f"min_open {refused.get('sslvpn_heartbeat.min_open', '?')})")
         _say(line)
     if guard:
         _say()
@@ -120,6 +137,9 @@ def _act(title: str, cluster: Cluster, outage: BackendOutage, guard: bool) -> Ba
          f"{title}:")
     _users(outcome.during_tail(0.5), cluster.servers, f"portal {PORTAL}")
     _users(outcome.during_tail(0.5, LOGIN), cluster.servers, f"logins {LOGIN}")
+    if guard:
+        _say(f"(HAProxy's 503s: with two of four servers blocked, its {HAPROXY_RETRIES} retries "
+             "sometimes all meet a blocked server.)")
     return outcome
 
 
