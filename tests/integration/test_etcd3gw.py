@@ -19,6 +19,23 @@ agent's etcd client must respect, each pinned below:
   read it back with ``Lease.ttl()``. ``refresh()`` answers -1 once the lease is gone.
 * A watch iterator never ends or raises when its stream dies (member killed): the agent must
   read the stream itself (or notice silence) and re-create the watch from the next revision.
+
+Differences between 2.0 and the newest release (2.7 when written), read from both packages:
+
+* Constructor: 2.7 adds ``session=`` and defaults ``api_path`` to None (discovered with GET
+  ``/version``, or ``ETCD3GW_API_PATH``); it passes ``timeout=self.timeout`` to every POST.
+* ``get``/``delete``: 2.0 copies extra keyword arguments into the request as given, so a
+  ``range_end`` must already be base64; 2.7 takes named arguments and encodes ``range_end``
+  itself (a pre-encoded one is encoded twice), and warns on unknown ones. ``get_prefix`` and
+  ``delete_prefix`` work alike on both.
+* Transactions: the same on both: ``transaction(dict)`` is posted as given (keys and values
+  base64 by the caller; 64-bit numbers as decimal strings; no ``succeeded`` when it failed).
+* Leases: the same paths and answers on both (``/lease/grant``, ``/lease/keepalive`` as one
+  request, ``/kv/lease/timetolive``, ``/kv/lease/revoke``, which etcd 3.4 still serves).
+* Watches: 2.7 names its options (adds ``watch_id``, ``fragment``, which its ``watch_prefix``
+  drops) and skips blank stream lines; on both the stream has no timeout and its death is
+  silent. 2.7's ``watch_prefix_once`` encodes ``range_end`` twice (a wider range than asked).
+* Endpoints: one host per client on both; no rotation, no retry.
 """
 
 from __future__ import annotations
