@@ -78,6 +78,7 @@ class FleetServer:
         self.config = self.dir / "config.toml"
         self.agent = Agent(self.ns, self.config, self.dir)
         self.service: subprocess.Popen[bytes] | None = None
+        self.flag = bed.flag  # the back end this server's service depends on
 
     def write_config(self, **fleet: Any) -> None:
         """The agent's configuration, ``fleet`` overriding the bed's [fleet] keys."""
@@ -90,6 +91,8 @@ class FleetServer:
             "metrics": {"textfile": str(self.dir / "metrics.prom")},
             "fleet": {**self.bed.fleet, "member": self.name, **fleet},
         }
+        if not self.bed.guard:
+            del body["fleet"]
         lines = []
         for section, keys in body.items():
             lines.append(f"[{section}]")
@@ -106,7 +109,7 @@ class FleetServer:
             self.pid_file.unlink()
         self.service = self.ns.popen(
             [sys.executable, "-m", "tests.fleetbed", "serve", "--pid-file", str(self.pid_file),
-             "--flag", str(self.bed.flag), "--port", str(PORT)],
+             "--flag", str(self.flag), "--port", str(PORT)],
             cwd=str(REPO), env=child_env(), stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: read_pid(self.pid_file) is not None
@@ -154,8 +157,11 @@ class FleetServer:
 class FleetBed:
     """``n`` servers of one fleet group on ``etcd``; a shared back end (a flag file)."""
 
-    def __init__(self, etcd: EtcdCluster, tmp: Path, group: str, n: int = 4, **fleet: Any) -> None:
-        self.etcd, self.tmp, self.group, self.n = etcd, tmp, group, n
+    def __init__(self, etcd: EtcdCluster, tmp: Path, group: str, n: int = 4, *, guard: bool = True,
+                 **fleet: Any) -> None:
+        """``guard=False``: the same servers and agents without [fleet] (a baseline)."""
+        self.etcd, self.tmp, self.group, self.n, self.guard = etcd, tmp, group, n, guard
+        tmp.mkdir(parents=True, exist_ok=True)
         self.flag = tmp / "backend-up"
         self.flag.touch()
         self.fleet: dict[str, Any] = {"etcd": etcd.endpoints(), "group": group, "size": n,
@@ -186,7 +192,10 @@ class FleetBed:
             srv.start_service()
         for srv in self.servers:
             srv.agent.start()
-        self.wait_members({s.name: "open" for s in self.servers}, 60)
+        for srv in self.servers:
+            srv.agent.wait_ready(60)
+        if self.guard:
+            self.wait_members({s.name: "open" for s in self.servers}, 60)
 
     def server(self, i: int) -> FleetServer:
         """Server ``i`` (from 1)."""

@@ -56,7 +56,6 @@ class Daemon:
         self._clock = clock
         self._state = StateDir(cfg.state.dir)
         self._core = control.initial(control.Params.from_config(cfg), guard=_guard(cfg))
-        self._fleet: Any = None  # watcher.fleet.agent.FleetClient with [fleet], started by run()
         self._pending: Trigger | None = None
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -67,6 +66,7 @@ class Daemon:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # one per purpose, re-armed in place
         self._pidfd = ProcessWatch(self.emit, self.log)
         self._proc = ProcConnectorSource(self.emit, self.log)
+        self._fleet = self._make_fleet()  # with [fleet]; its threads start in run()
 
     # ------------------------------------------------------------------ the core and its actions
 
@@ -238,7 +238,8 @@ class Daemon:
         self._pidfd.attach(loop)
         self._proc.attach(loop)
         self._start_sources()
-        self._start_fleet()
+        if self._fleet is not None:
+            self._fleet.start()
         rounds = loop.create_task(self._rounds())
         self.emit(Trigger(Source.STARTUP, "first probe", self._clock()))
         try:
@@ -258,18 +259,18 @@ class Daemon:
         self._worker.close(stuck=self._core.in_flight is not None)
         return code
 
-    def _start_fleet(self) -> None:
-        """With [fleet]: the etcd client's threads, feeding their answers back to the loop."""
+    def _make_fleet(self) -> Any:
+        """With [fleet]: the etcd client (FacilityMissing without etcd3gw), feeding its answers
+        back to the loop from its threads; else None."""
         if self.cfg.fleet is None:
-            return
+            return None
         from watcher.fleet.agent import FleetClient  # imports etcd3gw: only with [fleet]
 
         def feed(inp: control.Input) -> None:  # from the fleet threads
             with contextlib.suppress(RuntimeError):  # the loop has closed
                 self._loop.call_soon_threadsafe(self.feed, inp)
 
-        self._fleet = FleetClient(self.cfg.fleet, feed, self.log, clock=self._clock)
-        self._fleet.start()
+        return FleetClient(self.cfg.fleet, feed, self.log, clock=self._clock)
 
 
 def _guard(cfg: Config) -> Guard | None:

@@ -54,6 +54,7 @@ class FleetClient:
         self._threads = [threading.Thread(target=self._main, name="fleet", daemon=True),
                          threading.Thread(target=self._watch_main, name="fleet-watch", daemon=True)]
         self._watch_wake = threading.Event()
+        self._known: Snapshot | None = None  # the group as the watch has it (revision 0)
 
     # ------------------------------------------------------------------ the daemon's side
 
@@ -142,7 +143,9 @@ class FleetClient:
         match act:
             case control.AskPermit(since_ns=since):
                 try:
-                    v = self.etcd.ask_permit(self._lease, self._since(since))
+                    with self._lock:
+                        known = self._known
+                    v = self.etcd.ask_permit(self._lease, self._since(since), known=known)
                 except EtcdError as exc:
                     self._failed("permit", exc)
                     self._feed(control.PermitAnswer(False, (), 0, error=str(exc)))
@@ -164,6 +167,7 @@ class FleetClient:
         with self._lock:
             self._watch_gen += 1
             resp = self._watch_resp
+            self._known = None
         self._watch_wake.set()
         if resp is not None:
             _shut(resp)
@@ -196,6 +200,9 @@ class FleetClient:
 
     def _follow(self, etcd: Etcd, snap: Snapshot, gen: int) -> None:
         members, slots = dict(snap.members), dict(snap.slots)
+        with self._lock:
+            if self._watch_gen == gen:
+                self._known = Snapshot(0, dict(members), dict(slots))
 
         def stale() -> bool:
             return self._stop.is_set() or self._watch_gen != gen
@@ -205,7 +212,11 @@ class FleetClient:
                 _apply(members, key.removeprefix(etcd.members_prefix), kv)
             elif key.startswith(etcd.slots_prefix) and key.removeprefix(etcd.slots_prefix).isdigit():
                 _apply(slots, int(key.removeprefix(etcd.slots_prefix)), kv)
-            self._feed(control.FleetChanged(Snapshot(0, members, slots).view()))
+            known = Snapshot(0, dict(members), dict(slots))
+            with self._lock:
+                if self._watch_gen == gen:
+                    self._known = known
+            self._feed(control.FleetChanged(known.view()))
         if not stale():
             raise EtcdError("watch stream ended")
 

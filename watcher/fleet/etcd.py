@@ -19,7 +19,9 @@ not exist. The decision itself (``watcher.core.fleet.grant``) belongs to the cor
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import random
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -30,8 +32,9 @@ import requests
 
 from watcher.config import FleetConfig
 from watcher.core.fleet import FleetView, Member, Verdict, grant, min_open_count, witnesses
+from watcher.errors import FacilityMissing
 
-__all__ = ["PREFIX", "Etcd", "EtcdError", "Kv", "SlotTaken", "Snapshot"]
+__all__ = ["PREFIX", "Etcd", "EtcdError", "EtcdRefused", "Kv", "SlotTaken", "Snapshot"]
 
 PREFIX = "/sslvpn-heartbeat/"
 API_PATH = "/v3/"  # etcd 3.4's gateway; python3-etcd3gw 2.0 defaults to the gone /v3alpha/
@@ -40,6 +43,11 @@ T = TypeVar("T")
 
 class EtcdError(Exception):
     """No endpoint answered the request (or etcd refused it); the message says why."""
+
+
+class EtcdRefused(EtcdError):
+    """etcd answered and refused the request (a 4xx: a lease it no longer knows, a bad
+    request): the endpoint works, so no other is tried."""
 
 
 class SlotTaken(Exception):
@@ -73,6 +81,19 @@ class Snapshot:
         ms = tuple(Member(name, str(kv.value.get("mode", "")), str(kv.value.get("cause", "")),
                           float(kv.value.get("since", 0.0))) for name, kv in sorted(self.members.items()))
         return FleetView(ms, tuple(str(kv.value.get("member", "")) for _, kv in sorted(self.slots.items())))
+
+
+def _kvs(out: dict[str, Any]) -> list[Kv]:
+    """The keys of a range answer, values parsed as JSON objects ({} when they are not)."""
+    kvs = []
+    for item in out.get("kvs", []):
+        try:
+            value = json.loads(_unb64(item.get("value", "")) or "{}")
+        except ValueError:
+            value = {}
+        kvs.append(Kv(_unb64(item["key"]), value if isinstance(value, dict) else {},
+                      int(item.get("mod_revision", 0)), int(item.get("lease", 0))))
+    return kvs
 
 
 def _b64(text: str) -> str:
@@ -114,8 +135,12 @@ class Etcd:
     def __init__(self, cfg: FleetConfig, *, timeout: float | None = None,
                  wall: Callable[[], float] = time.time) -> None:
         """Clients for every endpoint of ``cfg``; no request is made yet."""
-        import etcd3gw  # only with [fleet]: the agent without it never imports the library
-        from etcd3gw import exceptions as etcd_exceptions
+        try:  # only with [fleet]: the agent without it never imports the library
+            import etcd3gw
+            from etcd3gw import exceptions as etcd_exceptions
+        except ImportError as exc:
+            raise FacilityMissing(f"[fleet] needs the etcd client etcd3gw (Debian: apt install "
+                                  f"python3-etcd3gw): {exc}") from None
 
         self.cfg = cfg
         self.group = f"{PREFIX}{cfg.group}/"
@@ -127,6 +152,11 @@ class Etcd:
         self._wall = wall
         self._errors: tuple[type[BaseException], ...] = (
             etcd_exceptions.Etcd3Exception, requests.RequestException, ValueError, KeyError)
+        # Everything but these means etcd answered (etcd3gw raises the base class for a 4xx).
+        self._transport: tuple[type[BaseException], ...] = (
+            etcd_exceptions.ConnectionFailedError, etcd_exceptions.ConnectionTimeoutError,
+            etcd_exceptions.InternalServerError, requests.RequestException, ValueError, KeyError)
+        self._base_error: type[BaseException] = etcd_exceptions.Etcd3Exception
         self.clients: list[Any] = []
         for url in cfg.etcd:
             u = urllib.parse.urlsplit(url)  # validated by the config: scheme, host and port
@@ -157,25 +187,27 @@ class Etcd:
                 self.requests += 1
                 out: dict[str, Any] = c.post(c.get_url(path), json=body)
                 return out
-            except self._errors as exc:
+            except self._transport as exc:
                 errors.append(f"{self.endpoint()}: {type(exc).__name__}: {str(exc)[:200]}")
                 self.current = (self.current + 1) % len(self.clients)
+            except self._base_error as exc:
+                raise EtcdRefused(f"{self.endpoint()}: {path}: {str(exc)[:200]}") from None
         raise EtcdError("; ".join(errors))
 
     def _range(self, prefix: str) -> tuple[int, list[Kv]]:
         out = self._post("/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
-        rev = int(out.get("header", {}).get("revision", 0))
-        kvs = []
-        for item in out.get("kvs", []):
-            try:
-                value = json.loads(_unb64(item.get("value", "")) or "{}")
-            except ValueError:
-                value = {}
-            if not isinstance(value, dict):
-                value = {}
-            kvs.append(Kv(_unb64(item["key"]), value, int(item.get("mod_revision", 0)),
-                          int(item.get("lease", 0))))
-        return rev, kvs
+        return int(out.get("header", {}).get("revision", 0)), _kvs(out)
+
+    def _txn_or_read(self, compare: list[dict[str, Any]],
+                     success: list[dict[str, Any]]) -> Snapshot | None:
+        """A transaction that, when its compare fails, reads the group instead (one request):
+        None when it committed, else the group as of that revision."""
+        read = {"request_range": {"key": _b64(self.group), "range_end": _b64(_prefix_end(self.group))}}
+        out = self._post("/kv/txn", {"compare": compare, "success": success, "failure": [read]})
+        if out.get("succeeded", False):
+            return None
+        got = (out.get("responses") or [{}])[0].get("response_range", {})
+        return self._snapshot(int(out.get("header", {}).get("revision", 0)), _kvs(got))
 
     def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
         out = self._post("/kv/txn", {"compare": compare, "success": success, "failure": []})
@@ -195,7 +227,8 @@ class Etcd:
 
     def revoke(self, lease: int) -> None:
         """Revoke ``lease``: the member key and any slot it holds vanish now."""
-        self._post("/kv/lease/revoke", {"ID": lease})
+        with contextlib.suppress(EtcdRefused):  # already expired: nothing left to revoke
+            self._post("/lease/revoke", {"ID": lease})
 
     def lease_of(self, member: str) -> int:
         """The lease the running agent of ``member`` holds its member key with (0: none)."""
@@ -206,7 +239,9 @@ class Etcd:
 
     def snapshot(self) -> Snapshot:
         """Every member and slot key of the group, as of one revision."""
-        rev, kvs = self._range(self.group)
+        return self._snapshot(*self._range(self.group))
+
+    def _snapshot(self, rev: int, kvs: list[Kv]) -> Snapshot:
         members = {kv.key.removeprefix(self.members_prefix): kv for kv in kvs
                    if kv.key.startswith(self.members_prefix)}
         slots = {}
@@ -229,13 +264,21 @@ class Etcd:
                     puts.append({"request_delete_range": {"key": _b64(self.slots_prefix + str(n))}})
         self._txn([], puts)
 
-    def ask_permit(self, lease: int, since: float, attempts: int = 50) -> Verdict:
+    def ask_permit(self, lease: int, since: float, attempts: int = 50,
+                   known: Snapshot | None = None) -> Verdict:
         """One compare-and-swap permit: the member key says block only if ``grant`` allows it
-        and the witnesses' keys are unchanged since they were read (retried while others race)."""
+        and the witnesses' keys are unchanged since they were read (retried while others race).
+        ``known``: the group as the watch has it, tried first (a grant then costs one request;
+        a refusal is always confirmed on a fresh read)."""
         v = Verdict(False, ("no answer",), 0)
-        for _ in range(attempts):
-            snap = self.snapshot()
+        snap: Snapshot | None = known
+        for attempt in range(attempts):
+            if snap is None:
+                snap = self.snapshot()
             v = grant(snap.view().members, self.cfg.member, self.cfg.size, self.min_open)
+            if not v.granted and snap.revision == 0:  # from the watch: confirm on a fresh read
+                snap = None
+                continue
             if not v.granted:
                 return v
             compare = [{"key": _b64(self.members_prefix + name), "target": "MOD",
@@ -243,8 +286,12 @@ class Etcd:
                        for name in witnesses(snap.view().members, self.cfg.member, self.min_open)]
             put = {"request_put": {"key": _b64(self.member_key), "lease": lease,
                                    "value": _b64(self._member_value("block", "health", since))}}
-            if self._txn(compare, [put]):
+            snap = self._txn_or_read(compare, [put])
+            if snap is None:
                 return v
+            # Lost a race: the failed transaction brought the group back. A little random delay
+            # lets a burst of askers spread out instead of colliding again in step.
+            time.sleep(random.uniform(0, min(0.05, 0.002 * (attempt + 1))))
         raise EtcdError(f"permit: the group kept changing through {attempts} attempts")
 
     def take_slot(self, lease: int, reason: str) -> tuple[str, ...]:
