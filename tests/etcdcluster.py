@@ -511,10 +511,14 @@ class EtcdCluster:
     def wait_healthy(self, timeout: float = 60.0) -> int:
         """Wait until every running, reachable member agrees on one leader among them and serves
         a linearizable read; returns the leader's index. Raises AssertionError naming the
-        members' last log lines after ``timeout``."""
+        members' exits and last log lines after ``timeout``, or at once when none runs."""
+        def healthy() -> int | None:
+            if not any(self.running(m.index) for m in self.members):
+                raise AssertionError("no etcd member is running")
+            return self._agreed_leader(read=True)
+
         try:
-            return int(wait_for(lambda: self._agreed_leader(read=True), timeout,
-                                "the etcd cluster to be healthy", interval=0.1))
+            return int(wait_for(healthy, timeout, "the etcd cluster to be healthy", interval=0.1))
         except AssertionError as e:
             died = [f"{m.name} exited {m.proc.returncode}" for m in self.members
                     if m.proc is not None and m.proc.poll() is not None]
@@ -526,11 +530,14 @@ class EtcdCluster:
                             "the etcd members to agree on a leader", interval=0.05))
 
     def log_tail(self, lines: int = 8) -> str:
-        """The last ``lines`` lines of each member's log, for failure messages."""
+        """Each member's log since its last start: the first few lines (where etcd names a bad
+        flag before its usage text) and the last ``lines``, for failure messages."""
         out = []
         for m in self.members:
             with contextlib.suppress(OSError):
-                tail = m.log.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"== {m.name}\n" + "\n".join(tail))
+                text = m.log.read_text(errors="replace").splitlines()
+                starts = [k for k, ln in enumerate(text) if ln.startswith("--- start ")]
+                run = text[starts[-1] + 1:] if starts else text
+                shown = run if len(run) <= lines + 4 else [*run[:4], "...", *run[-lines:]]
+                out.append(f"== {m.name}\n" + "\n".join(shown))
         return "\n".join(out)
-

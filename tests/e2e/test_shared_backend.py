@@ -72,7 +72,7 @@ def test_without_fleet_guard_every_agent_blocks_and_users_get_nothing(tmp_path: 
     with Cluster(4, workdir=tmp_path, agents=True, agent_config=agent_config, backend=True,
                  backend_paths=(HEALTH, LOGIN), ready_timeout=30.0) as cluster:
         outcome = run_backend_outage(cluster, tmp_path / "load.jsonl",
-                                     BackendOutage(rate=60.0, down_s=6.0))
+                                     BackendOutage(rate=60.0, down_s=8.0))
     assert outcome.before and not any(r.bad for r in outcome.before)
     assert outcome.max_blocked_during == 4, outcome.samples
     assert outcome.blocked_at_up == {"server1", "server2", "server3", "server4"}

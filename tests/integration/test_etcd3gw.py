@@ -19,6 +19,23 @@ agent's etcd client must respect, each pinned below:
   read it back with ``Lease.ttl()``. ``refresh()`` answers -1 once the lease is gone.
 * A watch iterator never ends or raises when its stream dies (member killed): the agent must
   read the stream itself (or notice silence) and re-create the watch from the next revision.
+
+Differences between 2.0 and the newest release (2.7 when written), read from both packages:
+
+* Constructor: 2.7 adds ``session=`` and defaults ``api_path`` to None (discovered with GET
+  ``/version``, or ``ETCD3GW_API_PATH``); it passes ``timeout=self.timeout`` to every POST.
+* ``get``/``delete``: 2.0 copies extra keyword arguments into the request as given, so a
+  ``range_end`` must already be base64; 2.7 takes named arguments and encodes ``range_end``
+  itself (a pre-encoded one is encoded twice), and warns on unknown ones. ``get_prefix`` and
+  ``delete_prefix`` work alike on both.
+* Transactions: the same on both: ``transaction(dict)`` is posted as given (keys and values
+  base64 by the caller; 64-bit numbers as decimal strings; no ``succeeded`` when it failed).
+* Leases: the same paths and answers on both (``/lease/grant``, ``/lease/keepalive`` as one
+  request, ``/kv/lease/timetolive``, ``/kv/lease/revoke``, which etcd 3.4 still serves).
+* Watches: 2.7 names its options (adds ``watch_id``, ``fragment``, which its ``watch_prefix``
+  drops) and skips blank stream lines; on both the stream has no timeout and its death is
+  silent. 2.7's ``watch_prefix_once`` encodes ``range_end`` twice (a wider range than asked).
+* Endpoints: one host per client on both; no rotation, no retry.
 """
 
 from __future__ import annotations
@@ -150,6 +167,7 @@ def test_api_path_v3_works_and_v3alpha_is_refused(etcd: EtcdCluster, etcd_prefix
 def test_constructor_timeout_is_applied_only_by_newer_releases() -> None:
     """2.0 keeps ``timeout`` where requests never reads it (a silent server holds the request
     until it hangs up); newer releases time out. A TimeoutSession times out on both."""
+    hung_up = threading.Event()
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
@@ -167,36 +185,37 @@ def test_constructor_timeout_is_applied_only_by_newer_releases() -> None:
 
         t = threading.Thread(target=accept_and_stay_silent, daemon=True)
         t.start()
-        try:
-            def outcome(client: Etcd3Client) -> tuple[str, float]:
-                t0 = time.monotonic()
-                try:
-                    client.get("k")
-                    return "answered", time.monotonic() - t0
-                except gw_exc.Etcd3Exception as e:
-                    return type(e).__name__, time.monotonic() - t0
 
+        def outcome(client: Etcd3Client) -> tuple[str, bool]:
+            """How the request ended, and whether the server had hung up by then."""
+            try:
+                client.get("k")
+                return "answered", hung_up.is_set()
+            except gw_exc.Etcd3Exception as e:
+                return type(e).__name__, hung_up.is_set()
+
+        try:
             own = outcome(gw_client(f"http://127.0.0.1:{port}", timeout=0.5))
             plain = Etcd3Client(host="127.0.0.1", port=port, api_path="/v3/", timeout=0.5)
-            box: queue.Queue[tuple[str, float]] = queue.Queue()
+            box: queue.Queue[tuple[str, bool]] = queue.Queue()
             threading.Thread(target=lambda: box.put(outcome(plain)), daemon=True).start()
             try:
-                ctor = box.get(timeout=3.0)
+                ctor = box.get(timeout=6.0)  # twelve times the timeout asked for
             except queue.Empty:
+                hung_up.set()
                 for c in held:  # the silent server hangs up: only then does 2.0's request end
                     c.close()
                 ctor = box.get(timeout=10.0)
-                ctor = ("held until the server hung up", ctor[1])
         finally:
             stop.set()
             t.join()
             for c in held:
                 c.close()
-    assert own[0] == "ConnectionTimeoutError" and own[1] < 2.5, own
+    assert own == ("ConnectionTimeoutError", False), own
     if "session" in inspect.signature(Etcd3Client).parameters:
-        assert ctor[0] == "ConnectionTimeoutError", ctor  # the release passes timeout= itself
+        assert ctor == ("ConnectionTimeoutError", False), ctor  # the release passes timeout=
     else:
-        assert ctor[0] == "held until the server hung up", ctor  # 2.0 ignores timeout=
+        assert ctor == ("ConnectionFailedError", True), ctor  # 2.0 ignored timeout=
 
 
 def test_what_timeout_each_release_hands_the_session() -> None:
@@ -530,14 +549,10 @@ def test_watch_iterator_stays_silent_when_its_member_dies(etcd: EtcdCluster, etc
 
 # --- several endpoints -----------------------------------------------------------------------
 
-def _write_loop(rot: Rotating, key: str, n: int, deadline_s: float) -> list[float]:
-    """Write ``key`` = 0..n-1 through ``rot``; each write's latency (rotation included)."""
-    lat = []
+def _write_loop(rot: Rotating, key: str, n: int, deadline_s: float) -> None:
+    """Write ``key`` = 0..n-1 through ``rot``, each within ``deadline_s`` (rotating as needed)."""
     for k in range(n):
-        t0 = time.monotonic()
         rot.do(lambda c, v=k: c.put(key, str(v)), deadline_s)
-        lat.append(time.monotonic() - t0)
-    return lat
 
 
 def test_rotating_client_survives_leader_sigkill(etcd: EtcdCluster, etcd_prefix: str) -> None:
@@ -546,12 +561,13 @@ def test_rotating_client_survives_leader_sigkill(etcd: EtcdCluster, etcd_prefix:
     key = etcd_prefix + "survive"
     leader = etcd.leader()
     rot = Rotating(etcd.endpoints(), first=leader - 1, timeout=2.0)
-    etcd.call(_write_loop, rot, key, 3, 5.0)
+    etcd.call(_write_loop, rot, key, 3, 10.0)
+    rot.current, before = leader - 1, len(rot.errors)
     etcd.kill(leader)
-    lat = etcd.call(_write_loop, rot, key, 5, 30.0)
-    assert rot.current != leader - 1 and rot.errors, rot.errors
+    etcd.call(_write_loop, rot, key, 5, 30.0)
+    assert rot.errors[before:before + 1] == [f"{leader - 1}:ConnectionFailedError"], rot.errors
+    assert rot.current != leader - 1
     assert etcd.call(lambda: rot.do(lambda c: c.get(key), 10.0)) == [b"4"]
-    assert max(lat[1:]) < 5.0, lat  # once rotated, writes do not wait on the dead member
 
 
 def test_rotating_client_survives_a_partitioned_member(etcd: EtcdCluster, etcd_prefix: str) -> None:
@@ -560,14 +576,12 @@ def test_rotating_client_survives_a_partitioned_member(etcd: EtcdCluster, etcd_p
     key = etcd_prefix + "cut"
     victim = 3 if etcd.leader() != 3 else 2
     rot = Rotating(etcd.endpoints(), first=victim - 1, timeout=1.5)
-    etcd.call(_write_loop, rot, key, 2, 5.0)
+    etcd.call(_write_loop, rot, key, 2, 10.0)
+    rot.current, before = victim - 1, len(rot.errors)
     etcd.partition(victim)
-    t0 = time.monotonic()
     etcd.call(_write_loop, rot, key, 3, 30.0)
-    took = time.monotonic() - t0
-    assert rot.errors and rot.errors[-1].endswith("ConnectionTimeoutError"), rot.errors
+    assert rot.errors[before:before + 1] == [f"{victim - 1}:ConnectionTimeoutError"], rot.errors
     assert rot.current != victim - 1
-    assert took < 20.0, took
     assert etcd.call(lambda: rot.do(lambda c: c.get(key), 10.0)) == [b"2"]
 
 

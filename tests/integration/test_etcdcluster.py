@@ -203,3 +203,17 @@ def test_testbed_servers_join_the_etcd_segment(etcd: EtcdCluster, etcd_prefix: s
             assert out.stdout.strip() == "OK"
     for i, name in zip((1, 2, 3), ("server1", "server2", "server2"), strict=True):
         assert etcd.call(_get, etcd.member(i).addr, etcd_prefix + name) == "open"
+
+
+def test_a_failed_start_names_the_cause_and_leaves_nothing_behind() -> None:
+    """Members that cannot start (an unknown flag) make the start fail at once with their exit
+    status and log lines in the message; every namespace made is gone afterwards."""
+    cluster = EtcdCluster(size=3, extra_args=["--no-such-flag"], start_timeout=30.0)
+    with pytest.raises(AssertionError) as exc, cluster:
+        pass
+    message = str(exc.value)
+    assert "no etcd member is running" in message and "etcd1 exited" in message, message
+    assert "no-such-flag" in message, message
+    names = [m.ns.name for m in cluster.members]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert names and not any(n in listed for n in names)

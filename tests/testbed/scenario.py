@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +208,9 @@ class BackendOutage:
     settle_timeout_s: float = 20.0  # from the back end's return until no server is blocked
     after_s: float = 2.0  # load kept running once every server is open again
     sample_interval_s: float = 0.25  # how often the servers' chains are read
+    # Further loads running alongside, as (path, rate): e.g. ("/login", 20.0) for new logins.
+    # Each has its own clock, started within a fraction of a second of the main one.
+    extra_loads: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.how not in ("kill", "hang"):
@@ -228,10 +232,13 @@ class BackendOutageOutcome:
     end_at: float  # load clock when the run ended
     samples: tuple[tuple[float, frozenset[str]], ...]  # (load clock, servers blocked)
     recovered_s: float  # from the back end's return until no server was blocked
+    extra: dict[str, tuple[Record, ...]] = field(default_factory=dict, repr=False)  # by path
 
-    def window(self, start: float, end: float) -> list[Record]:
-        """The records of requests sent in ``[start, end)`` (load clock)."""
-        return [r for r in self.records if start <= r.t < end]
+    def window(self, start: float, end: float, path: str | None = None) -> list[Record]:
+        """The records of requests sent in ``[start, end)`` (load clock), of the main load or
+        of the extra load of ``path``."""
+        recs = self.records if path is None else self.extra[path]
+        return [r for r in recs if start <= r.t < end]
 
     @property
     def before(self) -> list[Record]:
@@ -243,9 +250,9 @@ class BackendOutageOutcome:
         """Requests sent while the back end was dead."""
         return self.window(self.down_at, self.up_at)
 
-    def during_tail(self, fraction: float = 0.5) -> list[Record]:
+    def during_tail(self, fraction: float = 0.5, path: str | None = None) -> list[Record]:
         """Requests sent in the last ``fraction`` of the outage (agents have decided by then)."""
-        return self.window(self.up_at - fraction * (self.up_at - self.down_at), self.up_at)
+        return self.window(self.up_at - fraction * (self.up_at - self.down_at), self.up_at, path)
 
     @property
     def after(self) -> list[Record]:
@@ -272,15 +279,20 @@ def _blocked(cluster: Cluster) -> frozenset[str]:
     return frozenset(s.name for s in cluster.servers if s.is_blocked())
 
 
-def run_backend_outage(cluster: Cluster, out: Path,
-                       outage: BackendOutage = BackendOutage()) -> BackendOutageOutcome:
+def run_backend_outage(cluster: Cluster, out: Path, outage: BackendOutage = BackendOutage(),
+                       before_up: Callable[[], object] | None = None) -> BackendOutageOutcome:
     """Kill (or hang) ``cluster``'s shared back end under load, bring it back, wait until no
-    server is blocked; the load ends before return."""
+    server is blocked; the load ends before return. ``before_up`` (e.g. a demo's narration)
+    runs once the outage has lasted ``down_s``, before the back end returns."""
     if cluster.backend_ns is None:
         raise ValueError("the cluster has no shared back end (Cluster(backend=True))")
     tail = RecordTail(out)
     samples: list[tuple[float, frozenset[str]]] = []
     load = cluster.start_load(out, rate=outage.rate, duration=outage.load_bound_s, path=outage.path)
+    extra_out = {path: out.with_name(f"{out.stem}-{k}{out.suffix}")
+                 for k, (path, _rate) in enumerate(outage.extra_loads, 1)}
+    extra_procs = [cluster.start_load(extra_out[path], rate=rate, duration=outage.load_bound_s,
+                                      path=path) for path, rate in outage.extra_loads]
 
     def sample_until(t_end: float) -> None:
         while tail.newest_sent() < t_end:
@@ -299,6 +311,9 @@ def run_backend_outage(cluster: Cluster, out: Path,
             cluster.backend_hang()
         sample_until(down_at + outage.down_s)
         samples.append((tail.newest_sent(), _blocked(cluster)))
+        if before_up is not None:
+            before_up()
+            samples.append((tail.newest_sent(), _blocked(cluster)))
         up_at = tail.mark()
         if outage.how == "kill":
             cluster.backend_up()
@@ -316,8 +331,11 @@ def run_backend_outage(cluster: Cluster, out: Path,
         sample_until(tail.newest_sent() + outage.after_s)
         end_at = tail.mark()
     finally:
-        if load.poll() is None:
-            load.terminate()  # the load we started; its bound only guards a failed run
-        load.wait(timeout=10)
+        for proc in (load, *extra_procs):
+            if proc.poll() is None:
+                proc.terminate()  # the loads we started; their bound only guards a failed run
+        for proc in (load, *extra_procs):
+            proc.wait(timeout=10)
     return BackendOutageOutcome(tuple(read_records(out)), down_at, up_at, end_at, tuple(samples),
-                                round(recovered, 3))
+                                round(recovered, 3),
+                                {path: tuple(read_records(f)) for path, f in extra_out.items()})

@@ -33,3 +33,15 @@ def test_outcome_windows_split_requests_and_samples_at_the_marks() -> None:
     assert [r.t for r in o.during_tail(0.5)] == [2.5, 3.5]
     assert o.max_blocked_during == 3  # the 4 at 4.1 is after the back end returned
     assert o.blocked_at_up == {"a", "b"}
+
+
+def test_outcome_windows_of_an_extra_load_use_its_own_records() -> None:
+    """window() and during_tail() with a path read that extra load's records, not the main one."""
+    main = (_rec(0, 2.0, 200),)
+    login = tuple(_rec(i, t, 503) for i, t in enumerate([0.5, 2.0, 3.0, 4.5]))
+    o = BackendOutageOutcome(main, 1.0, 4.0, 5.0, (), 0.5, {"/login": login})
+    assert [r.t for r in o.window(1.0, 4.0, "/login")] == [2.0, 3.0]
+    assert [r.t for r in o.during_tail(0.5, "/login")] == [3.0]
+    assert [r.t for r in o.during] == [2.0]
+    with pytest.raises(KeyError):
+        o.window(0.0, 1.0, "/portal")
