@@ -19,11 +19,17 @@ from watcher.core.catalogue import Event
 from watcher.core.fleet import min_open_count, view_summary
 from watcher.errors import EX_TEMPFAIL, AgentError, ConfigError
 
-__all__ = ["NoSlot", "before_block", "cmd_fleet", "release_slot"]
+__all__ = ["EtcdUnreachable", "NoSlot", "before_block", "cmd_fleet", "release_slot"]
 
 
 class NoSlot(AgentError):
     """No maintenance slot could be taken (all held, or etcd unreachable): exit 75."""
+
+    exit_code = EX_TEMPFAIL
+
+
+class EtcdUnreachable(AgentError):
+    """No etcd endpoint answered: exit 75, naming each endpoint's error."""
 
     exit_code = EX_TEMPFAIL
 
@@ -49,7 +55,7 @@ def cmd_fleet(cfg: Config, as_json: bool) -> int:
     try:
         snap = etcd.snapshot()
     except EtcdError as exc:
-        raise NoSlot(f"etcd unreachable: {exc}") from None
+        raise EtcdUnreachable(f"etcd unreachable: {exc}") from None
     report = {"group": f.group, "member": f.member, "maintenance_slots": f.maintenance_slots,
               **view_summary(snap.view(), f.size, min_open_count(f.min_open, f.size))}
     if as_json:
