@@ -66,6 +66,8 @@ def test_shared_back_end_down_blocks_exactly_the_budget_and_all_recover(bed: Fle
     status = json.loads(srv.cli("status", "--json").stdout)["fleet"]
     assert status["refused"] is True and sorted(status["not_open"]) == blocked
     assert status["reachable"] is True and status["permit"] is False
+    text = srv.cli("status").stdout
+    assert "refused: the guard keeps it open" in text, text
     prom = (srv.dir / "metrics.prom").read_text()
     assert "sslvpn_heartbeat_fleet_guard_refused 1.0" in prom
     assert 'sslvpn_heartbeat_fleet_members{mode="block"} 2.0' in prom

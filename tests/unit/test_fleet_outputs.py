@@ -6,11 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from rules.model import Mode
 from tests.netns import REPO
 from tests.plugin_output import parse
 from watcher.cli.nagios import CRITICAL, OK, WARNING, Facts, verdict
+from watcher.core.control import Health, Status
 from watcher.core.fleet import FleetView, Guard, Member, summary
 from watcher.outputs.metrics import Snapshot, fleet_metrics, render
+from watcher.outputs.publisher import check_health
 
 
 def _facts(healthy: bool, fleet: dict[str, object] | None) -> Facts:
@@ -68,3 +71,12 @@ def test_without_fleet_no_etcd_client_is_imported() -> None:
             "watcher.config.parse_config({});"
             "assert 'etcd3gw' not in sys.modules and 'watcher.fleet.etcd' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_agent_check_keeps_a_refused_server_in_rotation() -> None:
+    """While the guard refuses a suspect block (chain open), HAProxy's agent check hears "up";
+    with a permit (chain blocked) or without the guard it hears the service's health."""
+    refused = _guard(reachable=True, refused=("srv2",))
+    assert check_health(Status(Health.DOWN, Mode.OPEN, None, "http: 503", refused)) == "up"
+    assert check_health(Status(Health.DOWN, Mode.BLOCK, None, "http: 503", _guard())) == "down"
+    assert check_health(Status(Health.DOWN, Mode.BLOCK, None, "http: 503", None)) == "down"

@@ -169,6 +169,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"daemon: running, pid {daemon.get('pid')}, service {daemon.get('health', '?')}, "
               f"firewall {daemon.get('mode', '?')}")
+        fl = daemon.get("fleet")
+        if isinstance(fl, dict):
+            state = ("etcd unreachable" if fl.get("reachable") is False else
+                     "refused: the guard keeps it open (not open: "
+                     f"{', '.join(map(str, fl.get('not_open', ()))) or '-'})" if fl.get("refused")
+                     else "permit held" if fl.get("permit") else "etcd reachable")
+            print(f"fleet: member {fl.get('member')}, {fl.get('open')} of {fl.get('size')} open "
+                  f"(min_open {fl.get('min_open')}, {fl.get('budget_left')} more suspect "
+                  f"block(s) allowed), {state}")
     return EX_OK
 
 

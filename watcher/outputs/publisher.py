@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from rules.model import Mode
 from watcher import __version__
 from watcher.config import Config, parse_listen
 from watcher.core import control
@@ -26,9 +27,20 @@ from watcher.outputs.notify import Notifier
 from watcher.probe import CHECKS
 from watcher.statedir import StateDir
 
-__all__ = ["Outputs"]
+__all__ = ["Outputs", "check_health"]
 
 _MOVES = {Event.FIREWALL_BLOCK, Event.FIREWALL_UNBLOCK, Event.FIREWALL_DRAIN}
+
+
+def check_health(status: control.Status) -> str:
+    """The health HAProxy's agent check reports: "up" while the fleet guard keeps a failing
+    service open (refused: taking it out of rotation there would undo the guard), else the
+    service's health."""
+    g = status.fleet
+    if (g is not None and g.refused is not None and status.mode is Mode.OPEN
+            and status.admin is None):
+        return "up"
+    return str(status.health)
 
 
 class Outputs:
@@ -97,7 +109,7 @@ class Outputs:
         if self._check is not None:
             admin = status.admin
             self._check.update(agentcheck.Status(
-                health=str(status.health), admin=admin is not None,
+                health=check_health(status), admin=admin is not None,
                 drain=admin is not None and admin.drain,
                 admin_reason="" if admin is None else admin.reason, failure=status.reason))
 
