@@ -190,7 +190,7 @@ def test_all_etcd_members_down_changes_no_rule_and_proven_deaths_still_block(bed
 def test_maintenance_slot_is_exclusive_waitable_and_freed_by_a_dead_holder(bed: FleetBed) -> None:
     """One slot: srv1's block --drain takes it; srv2's exits 75 naming srv1 with nothing
     changed; srv2's --wait-slot gets it after srv1's unblock; srv2's agent SIGKILLed frees it
-    within the lease, so srv3 can take it."""
+    within the lease, so srv3 can take it; srv3's timed block gives it back when it ends."""
     s1, s2, s3 = bed.server(1), bed.server(2), bed.server(3)
     r = s1.cli("block", "--drain", "--reason", "kernel upgrade")
     assert r.returncode == 0, r.stderr
@@ -215,10 +215,13 @@ def test_maintenance_slot_is_exclusive_waitable_and_freed_by_a_dead_holder(bed: 
     wait_for(lambda: bed.view()["slot_holders"] == [], 3 * 3 + 10, "the dead holder's slot freed",
              interval=0.2)
     freed_after = time.monotonic() - killed
-    r = s3.cli("block", "--drain")
+    r = s3.cli("block", "--drain", "--for", "3s")
     assert r.returncode == 0, r.stderr
     assert freed_after < 3 + 10  # lease_s plus etcd's expiry check and a busy machine's slack
-    assert s3.cli("unblock").returncode == 0
+    wait_for(lambda: bed.view()["slot_holders"] == ["srv3"], 10, "srv3 holding the slot")
+    # A timed block's end gives the slot back (the agent registers its health again).
+    wait_for(lambda: bed.view()["slot_holders"] == [] and s3.opened(), 30,
+             "the timed block's slot released", interval=0.2)
 
 
 def test_tls_with_client_certificates(etcd_tls: EtcdCluster, tmp_path: Path,
