@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 
 import pytest
 
+from tests.etcdcluster import EtcdCluster
 from tests.netns import Netns
 
 NEEDS_ROOT = os.geteuid() != 0 or shutil.which("ip") is None
@@ -39,3 +41,44 @@ def client_ns() -> Iterator[Netns]:
         yield ns
     finally:
         ns.close()
+
+
+# --- a real etcd cluster (tests/etcdcluster.py), shared where that is safe ----------------------
+
+@pytest.fixture(scope="session")
+def etcd_session() -> Iterator[EtcdCluster]:
+    """One three-member etcd cluster (plain http) for the whole session; use ``etcd`` instead."""
+    with EtcdCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd(etcd_session: EtcdCluster) -> Iterator[EtcdCluster]:
+    """The shared etcd cluster, healthy when the test starts and put back healthy (partitions
+    healed, killed members started) after it, whatever the test did."""
+    etcd_session.restore()
+    yield etcd_session
+    etcd_session.restore()
+
+
+@pytest.fixture(scope="session")
+def etcd_tls_session() -> Iterator[EtcdCluster]:
+    """One three-member etcd cluster demanding client certificates; use ``etcd_tls`` instead."""
+    with EtcdCluster(tls=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd_tls(etcd_tls_session: EtcdCluster) -> Iterator[EtcdCluster]:
+    """The shared TLS etcd cluster (``ca_file``, ``cert_file``, ``key_file`` for clients),
+    healthy at the start and put back healthy after the test."""
+    etcd_tls_session.restore()
+    yield etcd_tls_session
+    etcd_tls_session.restore()
+
+
+@pytest.fixture
+def etcd_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of this test's own (``/svh-test/<hash of the test id>/``) on a shared cluster."""
+    digest = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:12]
+    return f"/svh-test/{digest}/"

@@ -6,7 +6,9 @@ through ``ip netns exec NAME``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import ctypes
 import itertools
 import os
 import shutil
@@ -20,7 +22,10 @@ from typing import Any
 
 __all__ = [
     "REPO",
+    "Lan",
     "Netns",
+    "NetnsExecutor",
+    "enter_netns",
     "legacy_path_dir",
     "veth_pair",
     "wait_for",
@@ -138,3 +143,104 @@ def legacy_path_dir(tmp: Path) -> Iterator[str]:
             if not link.exists():
                 link.symlink_to(target)
     yield f"{d}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def enter_netns(ns_name: str) -> None:
+    """Move the calling thread (only it) into network namespace ``ns_name``.
+
+    Sockets the thread makes afterwards, and threads it starts, live in that namespace.
+    """
+    fd = os.open(f"/run/netns/{ns_name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({ns_name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsExecutor:
+    """Worker threads living inside one network namespace: ``call(fn, ...)`` runs ``fn`` there.
+
+    Lets a test use a client library (whose sockets are made by the calling thread) against
+    addresses that exist only inside namespaces the test made. ``close()`` waits for the workers.
+    """
+
+    def __init__(self, ns_name: str, workers: int = 4) -> None:
+        self.ns_name = ns_name
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=f"in-{ns_name}",
+            initializer=enter_netns, initargs=(ns_name,))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> concurrent.futures.Future[Any]:
+        """Start ``fn(*args, **kw)`` on a worker inside the namespace; returns its future."""
+        return self._pool.submit(fn, *args, **kw)
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 120.0, **kw: Any) -> Any:
+        """Run ``fn(*args, **kw)`` inside the namespace and return (or raise) what it does."""
+        return self._pool.submit(fn, *args, **kw).result(timeout)
+
+    def close(self) -> None:
+        """Stop the workers once their current calls end (calls not yet started are dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class Lan:
+    """An Ethernet segment: a bridge in its own namespace, to which namespaces attach by veth.
+
+    ``attach(ns, host)`` gives ``ns`` an interface with address ``SUBNET.host/24`` on the
+    bridge. Deleting the switch namespace (``close()``) removes every link at once.
+    """
+
+    def __init__(self, subnet: str = "10.210.0", prefix: str = "svl") -> None:
+        if subnet.count(".") != 2:
+            raise ValueError(f"subnet must be the first three octets (a /24), got {subnet!r}")
+        self.subnet = subnet
+        self.switch = Netns(prefix)
+        self._ports = itertools.count(1)
+        self.attached: dict[int, str] = {}  # host number -> name of the namespace holding it
+        try:
+            self.switch.run(["ip", "link", "add", "br0", "type", "bridge"])
+            self.switch.run(["ip", "link", "set", "br0", "up"])
+        except BaseException:
+            self.switch.close()
+            raise
+
+    def addr(self, host: int) -> str:
+        """The address of host number ``host`` on this segment."""
+        return f"{self.subnet}.{host}"
+
+    def attach(self, ns: Netns, host: int, ifname: str = "lan0") -> str:
+        """Connect ``ns`` to the bridge through ``ifname`` addressed ``SUBNET.host/24``; returns it."""
+        if not 1 <= host <= 254:
+            raise ValueError(f"host must be 1..254, got {host}")
+        holder = self.attached.get(host)
+        if holder is not None and os.path.exists(f"/run/netns/{holder}"):
+            raise ValueError(f"{self.addr(host)} is already held by namespace {holder}")
+        port = f"p{next(self._ports)}"
+        addr = self.addr(host)
+        subprocess.run([IP, "link", "add", ifname, "netns", ns.name, "type", "veth",
+                        "peer", "name", port, "netns", self.switch.name],
+                       check=True, capture_output=True)
+        self.switch.run(["ip", "link", "set", port, "master", "br0"])
+        self.switch.run(["ip", "link", "set", port, "up"])
+        ns.run(["ip", "addr", "add", f"{addr}/24", "dev", ifname])
+        ns.run(["ip", "link", "set", ifname, "up"])
+        self.attached[host] = ns.name
+        return addr
+
+    def free_host(self, first: int, last: int = 254) -> int:
+        """The lowest host number in ``first..last`` not held by a namespace that still exists."""
+        for host in range(first, last + 1):
+            holder = self.attached.get(host)
+            if holder is None or not os.path.exists(f"/run/netns/{holder}"):
+                return host
+        raise RuntimeError(f"no free address in {self.subnet}.{first}-{last}")
+
+    def close(self) -> None:
+        """Delete the switch namespace and with it every link attached to the bridge."""
+        self.switch.close()

@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import re
+import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ __all__ = [
     "Backend",
     "Config",
     "FirewallConfig",
+    "FleetConfig",
     "LogConfig",
     "LogFormat",
     "LogLevel",
@@ -196,6 +200,59 @@ def _textfile(key: str, v: Any) -> str:
     return v
 
 
+_FLEET_NAME = re.compile(r"[a-zA-Z0-9.-]+")
+
+
+def _fleet_name(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not _FLEET_NAME.fullmatch(v) or len(v) > 253:
+        raise ConfigError(key, f"must match ^[a-zA-Z0-9.-]+$ (at most 253 characters), got {v!r}")
+    return v
+
+
+def _etcd_endpoints(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v:
+        raise ConfigError(key, f"must be a non-empty list of endpoint URLs, got {v!r}")
+    out = []
+    for item in v:
+        if not isinstance(item, str):
+            raise ConfigError(key, f"every endpoint must be a string, got {item!r}")
+        try:
+            u = urllib.parse.urlsplit(item)
+            port = u.port
+        except ValueError as exc:
+            raise ConfigError(key, f"{item!r} is not a URL: {exc}") from None
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ConfigError(key, f"must be http://HOST:PORT or https://HOST:PORT, got {item!r}")
+        if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+            raise ConfigError(key, f"must be scheme://host:port only (no path, user, query), "
+                              f"got {item!r}")
+        if port is None:
+            raise ConfigError(key, f"must name the port (etcd's client port, usually 2379), "
+                              f"got {item!r}")
+        out.append(item.rstrip("/"))
+    if len({urllib.parse.urlsplit(e).scheme for e in out}) > 1:
+        raise ConfigError(key, "must not mix http:// and https:// endpoints")
+    return tuple(out)
+
+
+def _min_open(key: str, v: Any) -> int | str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        if not 0 <= v <= 100_000:
+            raise ConfigError(key, f"must be a count of at least 0, got {v}")
+        return v
+    if isinstance(v, str) and re.fullmatch(r"[0-9]{1,3}%", v) and int(v[:-1]) <= 100:
+        return v
+    raise ConfigError(key, f"must be a count (2) or a percentage of fleet.size (\"50%\"), got {v!r}")
+
+
+def _optional_path(key: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"must be a string, got {type(v).__name__} {v!r}")
+    if v:
+        _abs_path(key, v)
+    return v
+
+
 def _service_name_ok(s: str) -> bool:
     return s.isascii() and all(c.isalnum() or c in "-_.@" for c in s)
 
@@ -340,6 +397,28 @@ class AgentCheckConfig:
     listen: str = key("", _listen)  # empty: no listener; else "ADDR:PORT" ("[ADDR]:PORT" for IPv6)
 
 
+def _host_name() -> str:
+    """This host's name, the default ``fleet.member``."""
+    return socket.gethostname().split(".", 1)[0] or "localhost"
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The fleet guard (``[fleet]``, absent: off): the etcd cluster and the group's budget."""
+
+    etcd: tuple[str, ...] = key((), _etcd_endpoints)  # endpoint URLs, http:// or https://; required
+    ca_file: str = key("", _optional_path)
+    cert_file: str = key("", _optional_path)
+    key_file: str = key("", _optional_path)
+    group: str = key("default", _fleet_name)
+    member: str = key_factory(_host_name, _fleet_name)
+    size: int = key(0, _int(1, 100_000))  # required: how many servers the group should have
+    min_open: int | str = key("50%", _min_open)  # a count, or a percentage of size ("50%")
+    maintenance_slots: int = key(1, _int(0, 100_000))
+    lease_s: int = key(10, _int(2, 3600))
+    unreachable: str = key("block", _choice(("block", "open")))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; defaults match the original product's manual page."""
@@ -351,6 +430,8 @@ class Config:
     state: StateConfig = section(StateConfig, restart=True)
     metrics: MetricsConfig = section(MetricsConfig, restart=True)
     agent_check: AgentCheckConfig = section(AgentCheckConfig, restart=True)
+    # None: no [fleet] section, the guard is off; the lease, member key and watch are one run's
+    fleet: FleetConfig | None = optional_section(FleetConfig, restart=True)
 
 
 def _section_class(sec: dataclasses.Field[Any]) -> type[Any]:
@@ -364,6 +445,23 @@ SCHEMA: dict[str, tuple[type[Any], dict[str, Check]]] = {
                {f.name: f.metadata["check"] for f in dataclasses.fields(_section_class(sec))})
     for sec in dataclasses.fields(Config)
 }
+
+
+def _check_fleet(f: FleetConfig) -> None:
+    """Cross-key rules of ``[fleet]``; each error names the key to fix."""
+    if not f.etcd:
+        raise ConfigError("fleet.etcd", "is required with [fleet] (the etcd endpoint URLs)")
+    if f.size < 1:
+        raise ConfigError("fleet.size", "is required with [fleet] (how many servers the group has)")
+    if isinstance(f.min_open, int) and f.min_open > f.size:
+        raise ConfigError("fleet.min_open", f"must not exceed fleet.size ({f.size}), got {f.min_open}")
+    if bool(f.cert_file) != bool(f.key_file):
+        raise ConfigError("fleet.cert_file" if f.key_file else "fleet.key_file",
+                          "a client certificate needs both fleet.cert_file and fleet.key_file")
+    https = f.etcd[0].startswith("https://")
+    if not https and (f.ca_file or f.cert_file):
+        raise ConfigError("fleet.etcd", "TLS files are set but the endpoints are http://; "
+                          "use https:// endpoints")
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -383,6 +481,8 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             values[key] = checks[key](full, value)
         sections[section] = cls(**values)
     cfg = Config(**sections)
+    if cfg.fleet is not None:
+        _check_fleet(cfg.fleet)
     if cfg.probe.rise_interval_ms > cfg.probe.interval_s * 1000 * 10:
         raise ConfigError("probe.rise_interval_ms", "must not exceed ten safety-net intervals")
     return cfg

@@ -23,6 +23,7 @@ from rules.firewall import Firewall
 from watcher.config import Config, LogLevel, for_reload
 from watcher.core import control
 from watcher.core.catalogue import Event
+from watcher.core.fleet import Guard
 from watcher.core.triggers import Source, Trigger
 from watcher.errors import AgentError, AlreadyRunning
 from watcher.outputs.logpipeline import Logging
@@ -60,7 +61,7 @@ class Daemon:
         self._config_path = config_path
         self._clock = clock
         self._state = StateDir(cfg.state.dir)
-        self._core = control.initial(control.Params.from_config(cfg))
+        self._core = control.initial(control.Params.from_config(cfg), guard=_guard(cfg))
         self._pending: Trigger | None = None
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -74,6 +75,7 @@ class Daemon:
         self._proc = ProcConnectorSource(self.emit, self.log)
         self._reserved = contextlib.ExitStack()  # instance locks of state directories a reload named
         self._reserved_dirs: set[Path] = {cfg.state.dir}
+        self._fleet = self._make_fleet()  # with [fleet]; its threads start in run()
 
     # ------------------------------------------------------------------ the core and its actions
 
@@ -111,6 +113,9 @@ class Daemon:
                 self._resetter.carry_out(act)
             case control.SweepAt(at_ns=at):
                 self._arm("sweep", at, self.feed, control.SweepDue())
+            case control.AskPermit() | control.Register():
+                if self._fleet is not None:
+                    self._fleet.carry_out(act)  # queued for the fleet thread: never waits
             case control.Count() | control.Publish():
                 pass  # the outputs saw them
 
@@ -268,6 +273,8 @@ class Daemon:
         self._pidfd.attach(loop)
         self._proc.attach(loop)
         self._start_sources()
+        if self._fleet is not None:
+            self._fleet.start()
         rounds = loop.create_task(self._rounds())
         self.emit(Trigger(Source.STARTUP, "first probe", self._clock()))
         try:
@@ -282,7 +289,28 @@ class Daemon:
             self._pidfd.close()
             self._proc.close()
             self._reserved.close()
+        if self._fleet is not None:
+            await loop.run_in_executor(None, self._fleet.close)
         await self._outputs.close()
         self._resetter.close()
         self._worker.close(stuck=self._core.in_flight is not None)
         return code
+
+    def _make_fleet(self) -> Any:
+        """With [fleet]: the etcd client (FacilityMissing without etcd3gw), feeding its answers
+        back to the loop from its threads; else None."""
+        if self.cfg.fleet is None:
+            return None
+        from watcher.fleet.agent import FleetClient  # imports etcd3gw: only with [fleet]
+
+        def feed(inp: control.Input) -> None:  # from the fleet threads
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                self._loop.call_soon_threadsafe(self.feed, inp)
+
+        return FleetClient(self.cfg.fleet, feed, self.log, clock=self._clock)
+
+
+def _guard(cfg: Config) -> Guard | None:
+    """The fleet guard's initial state with [fleet], else None."""
+    f = cfg.fleet
+    return None if f is None else Guard.new(f.size, f.min_open, f.unreachable, f.member)

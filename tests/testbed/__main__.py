@@ -293,13 +293,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="the load balancer in front of the servers (default haproxy)")
     d.add_argument("--fleet", action="store_true",
                    help="also show HAProxy's agent check and each agent's Prometheus metrics")
+    d.add_argument("--fleet-guard", action="store_true",
+                   help="four servers lose their shared back end: the agents alone, then with "
+                        "the fleet guard on a three-member etcd cluster")
     a = ap.parse_args(argv)
     if a.fleet and (a.gateway != "haproxy" or not a.agents):
         ap.error("--fleet needs the agents and the HAProxy gateway (its agent check)")
+    if a.fleet_guard and (a.fleet or a.gateway != "haproxy" or not a.agents):
+        ap.error("--fleet-guard runs its own four servers with agents behind HAProxy: "
+                 "no --fleet, --gateway nginx or --no-agents")
     if os.geteuid() != 0:
         print("the demo makes network namespaces: run it as root", file=sys.stderr)
         return 69
     try:
+        if a.fleet_guard:
+            from tests.testbed.fleetdemo import fleet_guard_demo  # etcd only for this demo
+
+            install_signal_handlers()
+            return fleet_guard_demo(rate=a.rate)
         return demo(a.servers, a.agents, a.rate, a.gateway, a.fleet)
     except KeyboardInterrupt:
         print("\ninterrupted: every process stopped and every namespace deleted.",

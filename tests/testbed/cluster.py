@@ -14,6 +14,18 @@ established socket, which Linux TCP treats as a soft error: the request would ha
 exactly that.
 
 Servers are numbered from 1, as in "stop the service on server 1": ``cluster.server(1)``.
+
+With ``backend=True`` the servers also share a back end (an LDAP/RADIUS stand-in, fakesvc's
+``backend``) in its own namespace on a second segment::
+
+    server i back0 10.201.0.(10+i) ── bridge (switch namespace) ── 10.201.0.1:389 back end
+
+and each fake service checks it on the paths ``backend_paths`` (default: every path).
+With ``etcd=`` (a started tests.etcdcluster.EtcdCluster) every server namespace is also attached
+to the etcd members' segment (``server.etcd_addr``) before any agent starts.
+``backend_down()`` kills it (every server then fails those paths with 503 while its core
+lives and its port accepts connections), ``backend_hang()`` stops it (connections are accepted
+but never greeted), ``backend_up()`` / ``backend_resume()`` undo that.
 """
 
 from __future__ import annotations
@@ -35,10 +47,13 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from tests.netns import REPO, Netns, wait_for
+from tests.netns import REPO, Lan, Netns, enter_netns, wait_for
 from tests.testbed import fakesvc
+
+if TYPE_CHECKING:  # tests.etcdcluster imports this module
+    from tests.etcdcluster import EtcdCluster
 
 __all__ = [
     "CHAIN",
@@ -57,6 +72,8 @@ __all__ = [
 
 CHAIN = "sslvpn-heartbeat-chain"
 GATEWAY_PORT = 80
+BACKEND_SUBNET = "10.201.0"
+BACKEND_ADDR, BACKEND_PORT = f"{BACKEND_SUBNET}.1", 389
 CLIENT_ADDR, GATEWAY_CLIENT_ADDR = "10.200.0.2", "10.200.0.1"
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -248,9 +265,10 @@ def render_nginx_conf(servers: Sequence[tuple[str, str, int]], bind: str, workdi
 
 
 def default_agent_config(server: Server, *, reject_with: str | None = "icmp-port-unreachable",
-                         established: str | None = None) -> str:
-    """The agent's TOML configuration for ``server`` (fast probe settings for tests); a
-    ``reject_with`` or ``established`` of None leaves that key to the agent's default."""
+                         established: str | None = None, http_path: str = "/") -> str:
+    """The agent's TOML configuration for ``server`` (fast probe settings for tests; the probe
+    GETs ``http_path``); a ``reject_with`` or ``established`` of None leaves that key to the
+    agent's default."""
     return "\n".join([
         "[service]",
         'name = "novell-sslvpn"',
@@ -260,7 +278,7 @@ def default_agent_config(server: Server, *, reject_with: str | None = "icmp-port
         "[probe]",
         "timeout_ms = 500",
         "interval_s = 1.0",
-        'http_path = "/"',
+        f'http_path = "{http_path}"',
         "",
         "[firewall]",
         f'chain = "{CHAIN}"',
@@ -305,7 +323,7 @@ class Server:
     """One server namespace: the fake service, its init-script stand-in and optionally an agent."""
 
     def __init__(self, index: int, ns: Netns, state_dir: Path, port: int, bind: str,
-                 gateway_ns: str) -> None:
+                 gateway_ns: str, backend_args: Sequence[str] = ()) -> None:
         self.index = index
         self.name = f"server{index}"
         self.ns = ns
@@ -319,6 +337,8 @@ class Server:
         self.agent_log = state_dir / "agent.log"
         self.agent: subprocess.Popen[bytes] | None = None
         self._gateway_ns = gateway_ns
+        self.backend_args = list(backend_args)  # fakesvc's --backend options, or []
+        self.etcd_addr: str | None = None  # its address on the etcd segment (Cluster(etcd=...))
 
     def __repr__(self) -> str:
         return f"<Server {self.name} {self.addr} ns={self.ns.name}>"
@@ -327,7 +347,7 @@ class Server:
         """Run ``fakesvc ctl ACTION`` in this server's namespace (like /etc/init.d/novell-sslvpn)."""
         argv = [sys.executable, "-m", "tests.testbed.fakesvc", "ctl", "--state-dir",
                 str(self.state_dir), "--name", self.name, "--port", str(self.port),
-                "--bind", self.bind, action]
+                "--bind", self.bind, *self.backend_args, action]
         return self.ns.run(argv, check=check, env=_child_env(), timeout=30)
 
     def stop(self) -> None:
@@ -437,7 +457,10 @@ class Cluster:
                  agent_check: tuple[int, str] | None = None,
                  gateway: str = "haproxy", connect_timeout: str = "100ms",
                  nginx_keepalive: int = 16, server_timeout: str = "2s",
-                 nginx_max_fails: int = 1) -> None:
+                 nginx_max_fails: int = 1, backend: bool = False,
+                 backend_paths: Sequence[str] = ("/",),
+                 backend_timeout: float = fakesvc.DEFAULT_BACKEND_TIMEOUT,
+                 etcd: EtcdCluster | None = None) -> None:
         if not 1 <= n_servers <= 9:
             raise ValueError("n_servers must be between 1 and 9")
         if gateway not in GATEWAY_KINDS:
@@ -472,6 +495,13 @@ class Cluster:
         self.gateway: Netns | None = None
         self.client: Netns | None = None
         self.haproxy: subprocess.Popen[bytes] | None = None
+        self.backend = backend
+        self.backend_paths = tuple(fakesvc.parse_backend_paths(",".join(backend_paths)))
+        self.backend_timeout = backend_timeout
+        self.backend_lan: Lan | None = None
+        self.backend_ns: Netns | None = None
+        self.backend_proc: subprocess.Popen[bytes] | None = None
+        self.etcd = etcd  # a started EtcdCluster each server is attached to (before agents start)
         self._closed = False
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -499,17 +529,26 @@ class Cluster:
         self.client = cl = self._netns("svtc")
         _veth(cl, "eth0", CLIENT_ADDR, gw, "toclient", GATEWAY_CLIENT_ADDR)
         env = _child_env()
+        backend_args: list[str] = []
+        if self.backend:
+            self._start_backend_segment()
+            backend_args = fakesvc.backend_argv(f"{BACKEND_ADDR}:{BACKEND_PORT}",
+                                                self.backend_paths, self.backend_timeout)
         for i in range(1, self.n_servers + 1):
             ns = self._netns(f"svt{i}")
             d = self.workdir / f"server{i}"
             d.mkdir(parents=True, exist_ok=True)
-            srv = Server(i, ns, d, self.port, self.bind, gw.name)
+            srv = Server(i, ns, d, self.port, self.bind, gw.name, backend_args)
             _veth(ns, "eth0", srv.addr, gw, f"toserver{i}", srv.gateway_addr)
+            if self.backend_lan is not None:
+                self.backend_lan.attach(ns, 10 + i, "back0")
+            if self.etcd is not None:
+                srv.etcd_addr = self.etcd.attach(ns)
             with open(d / "listener.log", "ab") as log:
                 ns.popen([sys.executable, "-m", "tests.testbed.fakesvc", "serve", "--state-dir",
                           str(d), "--name", srv.name, "--port", str(self.port),
-                          "--bind", self.bind], stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
+                          "--bind", self.bind, *backend_args], stdin=subprocess.DEVNULL,
+                         stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
             self.servers.append(srv)
         if self.gateway_kind == "nginx":
             self._start_nginx(gw)
@@ -528,6 +567,61 @@ class Cluster:
         wait_for(self._haproxy_serves, self.ready_timeout, "HAProxy answering through the gateway")
         if self.agents:
             self.start_agents()
+
+    def _start_backend_segment(self) -> None:
+        """The back end's segment (a bridge in its own namespace) and the back end on it."""
+        lan = Lan(BACKEND_SUBNET, prefix="svtb")
+        self._namespaces.append(lan.switch)
+        self.backend_lan = lan
+        self.backend_ns = self._netns("svtk")
+        lan.attach(self.backend_ns, 1, "eth0")
+        self.backend_up()
+
+    def backend_reachable(self, timeout: float = 0.5) -> bool:
+        """True when the back end greets a connection made inside its own namespace."""
+        assert self.backend_ns is not None, "the cluster has no back end"
+        ns_name = self.backend_ns.name
+        box: list[bool] = []
+
+        def check() -> None:  # on its own thread: enter_netns moves only the calling thread
+            enter_netns(ns_name)
+            box.append(fakesvc.backend_ok((BACKEND_ADDR, BACKEND_PORT), timeout))
+
+        t = threading.Thread(target=check, name="backend-check")
+        t.start()
+        t.join()
+        return bool(box and box[0])
+
+    def backend_up(self, timeout: float = 10.0) -> None:
+        """Start the back end (if it is not running) and return once it greets connections."""
+        assert self.backend_ns is not None, "the cluster has no back end"
+        if self.backend_proc is None or self.backend_proc.poll() is not None:
+            with open(self.workdir / "backend.log", "ab") as log:
+                self.backend_proc = self.backend_ns.popen(
+                    [sys.executable, "-m", "tests.testbed.fakesvc", "backend",
+                     "--bind", BACKEND_ADDR, "--port", str(BACKEND_PORT)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    cwd=str(REPO), env=_child_env())
+        wait_for(self.backend_reachable, timeout, "the shared back end greeting", interval=0.02)
+
+    def backend_down(self) -> None:
+        """Kill the back end (SIGKILL by its PID) and wait for its exit: connections are refused."""
+        proc = self.backend_proc
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGCONT)  # a hung (stopped) back end dies as well
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def backend_hang(self) -> None:
+        """Stop the back end (SIGSTOP): the kernel still accepts connections, nobody greets."""
+        assert self.backend_proc is not None and self.backend_proc.poll() is None
+        os.kill(self.backend_proc.pid, signal.SIGSTOP)
+
+    def backend_resume(self) -> None:
+        """Continue a back end stopped by ``backend_hang`` (SIGCONT)."""
+        assert self.backend_proc is not None and self.backend_proc.poll() is None
+        os.kill(self.backend_proc.pid, signal.SIGCONT)
 
     def _start_nginx(self, gw: Netns) -> None:
         """Write the nginx configuration and start Debian's nginx in the gateway namespace."""
@@ -615,10 +709,12 @@ class Cluster:
 
     def start_load(self, out: Path, *, rate: float = 200.0, duration: float = 5.0,
                    max_requests: int | None = None,
-                   timeout: float = 2.0) -> subprocess.Popen[bytes]:
-        """Start ``tests.testbed.load`` in the client namespace, writing JSON lines to ``out``."""
+                   timeout: float = 2.0, path: str = "/") -> subprocess.Popen[bytes]:
+        """Start ``tests.testbed.load`` in the client namespace, writing JSON lines to ``out``
+        (each request a GET of ``path`` through the gateway)."""
         assert self.client is not None, "cluster not started"
-        argv = [sys.executable, "-m", "tests.testbed.load", "--url", self.url, "--rate", str(rate),
+        url = self.url.rstrip("/") + path
+        argv = [sys.executable, "-m", "tests.testbed.load", "--url", url, "--rate", str(rate),
                 "--duration", str(duration), "--timeout", str(timeout),
                 "--out", str(out)]
         if max_requests is not None:

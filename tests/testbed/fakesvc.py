@@ -11,6 +11,14 @@ The listener is also the service's master: it starts cores when asked (SIGUSR1) 
 That keeps a stopped core from lingering as a zombie where PID 1 does not reap orphans (a
 zombie still has a /proc entry and would look alive to a careless checker).
 
+Optionally (``--backend HOST:PORT``) the listener depends on a shared back end, as a real SSL
+VPN's login depends on its LDAP/RADIUS servers: a request whose path starts with one of
+``--backend-paths`` (default ``/``: every path) first checks the back end (TCP connect and its
+one-line greeting within ``--backend-timeout``); when that fails it answers
+``503 <name> backend down`` although the core lives and the port accepts connections (for the
+agent a *suspect* DOWN, never a proven one). ``backend`` runs the back-end stand-in: it greets
+each connection with ``OK`` and closes it. Without ``--backend`` nothing changes.
+
 ``ctl`` is the init-script stand-in, used like ``/etc/init.d/novell-sslvpn stop``::
 
     python -m tests.testbed.fakesvc serve --state-dir D --name server1 [--port 8080] [--bind ::]
@@ -21,6 +29,8 @@ zombie still has a /proc entry and would look alive to a careless checker).
 ``hang`` makes the listener alive, listening and silent: it accepts and reads requests but
 answers none until ``unhang`` (a flag file in the state directory), as a hung service does.
 A request for ``/slow/MS`` is answered after MS milliseconds (a long request in flight).
+    python -m tests.testbed.fakesvc serve ... --backend 10.201.0.1:389 --backend-paths /health,/login
+    python -m tests.testbed.fakesvc backend [--bind 0.0.0.0] [--port 389] [--pid-file P]
 
 ``status`` exits as LSB init scripts do: 0 running, 1 dead but PID file present, 3 stopped.
 """
@@ -34,6 +44,7 @@ import os
 import select
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -44,10 +55,17 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "BACKEND_GREETING",
     "CORE_COMM",
     "LISTENER_PID",
     "PID_FILE",
+    "Backend",
+    "backend_argv",
+    "backend_ok",
     "core_alive",
+    "depends_on_backend",
+    "parse_backend_paths",
+    "parse_hostport",
     "pid_alive",
     "read_pid",
     "write_pid_atomic",
@@ -60,6 +78,8 @@ HANG_FLAG = "hang"  # while this file exists in the state directory, no request 
 HANG_BOUND_S = 60.0  # a hung request is answered after this anyway, so no thread lives forever
 CORE_COMM = "sslvpn-core"  # the core's process name (comm), as a process_name check sees it
 EXIT_RUNNING, EXIT_DEAD_PIDFILE, EXIT_STOPPED = 0, 1, 3
+BACKEND_GREETING = b"OK\n"  # what the back-end stand-in says to each connection
+DEFAULT_BACKEND_TIMEOUT = 0.5
 _REPO = Path(__file__).resolve().parent.parent.parent
 
 
@@ -146,6 +166,92 @@ def _spawn_core(state_dir: Path) -> subprocess.Popen[bytes]:
         log.close()
 
 
+# --- the shared back end ------------------------------------------------------------------------
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``) as (host, port); ValueError naming the problem."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"back end must be HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"back end port must be 1..65535, got {port!r}")
+    return host, int(port)
+
+
+def parse_backend_paths(text: str) -> tuple[str, ...]:
+    """A comma-separated list of path prefixes, each starting with ``/``; ValueError otherwise."""
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not paths or any(not p.startswith("/") for p in paths):
+        raise ValueError(f"back-end paths must be /-prefixed, comma-separated, got {text!r}")
+    return paths
+
+
+def depends_on_backend(path: str, prefixes: Sequence[str]) -> bool:
+    """True when request path ``path`` (query ignored) falls under one of ``prefixes``:
+    ``/`` covers every path, ``/login`` covers ``/login`` and ``/login/...`` but not ``/loginx``."""
+    path = path.split("?", 1)[0].split("#", 1)[0] or "/"
+    for p in prefixes:
+        base = p.rstrip("/")
+        if not base or path == base or path.startswith(base + "/"):
+            return True
+    return False
+
+
+def backend_ok(addr: tuple[str, int], timeout: float) -> bool:
+    """True when the back end at ``addr`` accepts a connection and greets within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection(addr, timeout=timeout) as s:
+            got = b""
+            while not got.endswith(b"\n") and len(got) < 64:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                got += chunk
+            return got == BACKEND_GREETING
+    except OSError:
+        return False
+
+
+class Backend(socketserver.ThreadingTCPServer):
+    """The back-end stand-in (an LDAP/RADIUS server for the fake service): greets and closes."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, bind: str, port: int) -> None:
+        self.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+
+        class _Greet(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.request.sendall(BACKEND_GREETING)
+
+        super().__init__((bind, port), _Greet)
+
+
+def run_backend(bind: str, port: int, pid_file: Path | None) -> int:
+    """Serve the back-end stand-in until SIGTERM (SIGSTOP makes it hang, SIGCONT resumes)."""
+    server = Backend(bind, port)
+
+    def on_term(signum: int, frame: Any) -> None:
+        server.socket.close()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if pid_file is not None:
+        write_pid_atomic(pid_file, os.getpid())
+    server.serve_forever(poll_interval=0.5)
+    return 0
+
+
 # --- the core ---------------------------------------------------------------------------------
 
 def run_core(state_dir: Path) -> int:
@@ -180,10 +286,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, with_body: bool) -> None:
         srv = self.server
-        if core_alive(srv.state_dir) is not None:
-            code, body = 200, f"{srv.name}\n"
-        else:
+        if core_alive(srv.state_dir) is None:
             code, body = 503, f"{srv.name} down\n"
+        elif (srv.backend is not None and depends_on_backend(self.path, srv.backend_paths)
+              and not backend_ok(srv.backend, srv.backend_timeout)):
+            code, body = 503, f"{srv.name} backend down\n"
+        else:
+            code, body = 200, f"{srv.name}\n"
         data = body.encode()
         self.send_response(code)
         self.send_header("Content-Type", "text/plain")
@@ -225,9 +334,14 @@ class _Listener(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, bind: str, port: int, name: str, state_dir: Path) -> None:
+    def __init__(self, bind: str, port: int, name: str, state_dir: Path,
+                 backend: tuple[str, int] | None = None, backend_paths: Sequence[str] = ("/",),
+                 backend_timeout: float = DEFAULT_BACKEND_TIMEOUT) -> None:
         self.name = name
         self.state_dir = state_dir
+        self.backend = backend
+        self.backend_paths = tuple(backend_paths)
+        self.backend_timeout = backend_timeout
         self.address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
         super().__init__((bind, port), _Handler)
 
@@ -237,9 +351,10 @@ class _Listener(ThreadingHTTPServer):
         super().server_bind()
 
 
-def run_listener(state_dir: Path, name: str, port: int, bind: str, start_core: bool) -> int:
+def run_listener(state_dir: Path, name: str, port: int, bind: str, start_core: bool,
+                 backend_args: Sequence[str] = ()) -> int:
     """Serve HTTP until SIGTERM; start a core on SIGUSR1 (and at start if asked) and reap cores."""
-    httpd = _Listener(bind, port, name, state_dir)
+    httpd = _Listener(bind, port, name, state_dir, **_backend_kw(backend_args))
     lock = threading.Lock()
 
     def start() -> None:
@@ -352,13 +467,16 @@ def ctl_stop_listener(state_dir: Path, timeout: float) -> int:
     return 0
 
 
-def ctl_start_listener(state_dir: Path, name: str, port: int, bind: str, timeout: float) -> int:
-    """Start a detached listener and return once it accepts connections on loopback."""
+def ctl_start_listener(state_dir: Path, name: str, port: int, bind: str, timeout: float,
+                       backend_args: Sequence[str] = ()) -> int:
+    """Start a detached listener (with the same back-end options) and return once it accepts
+    connections on loopback."""
     log = open(state_dir / "listener.log", "ab")  # noqa: SIM115 - handed to the child
     with log:
         subprocess.Popen(
             [sys.executable, "-m", "tests.testbed.fakesvc", "serve", "--no-core",
-             "--state-dir", str(state_dir), "--name", name, "--port", str(port), "--bind", bind],
+             "--state-dir", str(state_dir), "--name", name, "--port", str(port), "--bind", bind,
+             *backend_args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(_REPO), env=_child_env(),
             start_new_session=True)
     host = "::1" if ":" in bind else "127.0.0.1"
@@ -377,10 +495,33 @@ def ctl_start_listener(state_dir: Path, name: str, port: int, bind: str, timeout
     return 0
 
 
+def backend_argv(backend: str | None, paths: Sequence[str] = ("/",),
+                 timeout: float = DEFAULT_BACKEND_TIMEOUT) -> list[str]:
+    """The ``serve``/``ctl`` options making the listener depend on ``backend`` (none: [])."""
+    if backend is None:
+        return []
+    return ["--backend", backend, "--backend-paths", ",".join(paths),
+            "--backend-timeout", str(timeout)]
+
+
+def _backend_kw(backend_args: Sequence[str]) -> dict[str, Any]:
+    """Parse ``backend_argv()`` output back into the listener's keyword arguments."""
+    if not backend_args:
+        return {}
+    opts = dict(zip(backend_args[::2], backend_args[1::2], strict=True))
+    return {"backend": parse_hostport(opts["--backend"]),
+            "backend_paths": parse_backend_paths(opts.get("--backend-paths", "/")),
+            "backend_timeout": float(opts.get("--backend-timeout", DEFAULT_BACKEND_TIMEOUT))}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry: ``serve``, ``core`` or ``ctl ACTION``; returns the exit status."""
+    """Command line entry: ``serve``, ``core``, ``backend`` or ``ctl ACTION``; the exit status."""
     ap = argparse.ArgumentParser(prog="python -m tests.testbed.fakesvc")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("backend", help="the shared back end's stand-in (greets, closes)")
+    b.add_argument("--bind", default="0.0.0.0")
+    b.add_argument("--port", type=int, default=389)
+    b.add_argument("--pid-file", type=Path)
     for cmd in ("serve", "core", "ctl"):
         p = sub.add_parser(cmd)
         p.add_argument("--state-dir", type=Path, required=True)
@@ -393,16 +534,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--name", default=socket.gethostname())
             p.add_argument("--port", type=int, default=8080)
             p.add_argument("--bind", default="0.0.0.0")
+            p.add_argument("--backend", metavar="HOST:PORT",
+                           help="answer 503 on --backend-paths while this back end fails")
+            p.add_argument("--backend-paths", default="/", metavar="P1,P2",
+                           help="path prefixes that depend on the back end (default: every path)")
+            p.add_argument("--backend-timeout", type=float, default=DEFAULT_BACKEND_TIMEOUT,
+                           metavar="SECONDS")
         if cmd == "serve":
             p.add_argument("--no-core", dest="start_core", action="store_false",
                            help="serve only; start no core (ctl start does that)")
     a = ap.parse_args(argv)
+    if a.cmd == "backend":
+        return run_backend(a.bind, a.port, a.pid_file)
+    backend_args: list[str] = []
+    if a.cmd in ("serve", "ctl") and a.backend is not None:
+        try:
+            parse_hostport(a.backend)
+            paths = parse_backend_paths(a.backend_paths)
+        except ValueError as e:
+            ap.error(str(e))
+        if a.backend_timeout <= 0:
+            ap.error("--backend-timeout must be positive")
+        backend_args = backend_argv(a.backend, paths, a.backend_timeout)
     d: Path = a.state_dir.resolve()
     d.mkdir(parents=True, exist_ok=True)
     if a.cmd == "core":
         return run_core(d)
     if a.cmd == "serve":
-        return run_listener(d, a.name, a.port, a.bind, a.start_core)
+        return run_listener(d, a.name, a.port, a.bind, a.start_core, backend_args)
     act: str = a.action
     if act == "start":
         return ctl_start(d, a.timeout)
@@ -415,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if act == "stop-listener":
         return ctl_stop_listener(d, a.timeout)
     if act == "start-listener":
-        return ctl_start_listener(d, a.name, a.port, a.bind, a.timeout)
+        return ctl_start_listener(d, a.name, a.port, a.bind, a.timeout, backend_args)
     if act in ("hang", "unhang"):
         return ctl_hang(d, act == "hang")
     return ctl_status(d)

@@ -8,6 +8,11 @@ Bad answers are counted per failover, from the moment the failover began to the 
 
 The same :data:`FAILOVERS` drives the runs with agents and without, so the only difference
 between the two figures is the agent.
+
+:func:`run_backend_outage` is the shared-cause scenario: under a steady client load the back
+end every server depends on dies (a cluster started with ``backend=True``), stays dead for
+``down_s``, comes back; which servers the agents blocked is sampled all along. Without a fleet
+guard every agent blocks and every user request fails; with it only the budget may block.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +28,8 @@ from tests.netns import wait_for
 from tests.testbed.cluster import Cluster, Server
 from tests.testbed.load import Record, read_records
 
-__all__ = ["FAILOVERS", "Failover", "FailoverOutcome", "RecordTail", "Scenario",
-           "ScenarioOutcome", "run_scenario"]
+__all__ = ["FAILOVERS", "BackendOutage", "BackendOutageOutcome", "Failover", "FailoverOutcome",
+           "RecordTail", "Scenario", "ScenarioOutcome", "run_backend_outage", "run_scenario"]
 
 ACTIONS = ("stop", "kill_core")
 
@@ -186,3 +192,150 @@ def run_scenario(cluster: Cluster, out: Path, scenario: Scenario = FAILOVERS) ->
                                         round(backs[k][0], 3), backs[k][1]))
     before = sum(1 for r in recs if r.t < marks[0] and r.bad)
     return ScenarioOutcome(tuple(outcomes), tuple(recs), before)
+
+
+# --- the shared back end dies ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendOutage:
+    """Load and timing of a shared back-end outage; ``load_bound_s`` bounds the whole run."""
+
+    rate: float = 100.0  # client requests per second through the gateway
+    path: str = "/"  # what the clients ask for (a path that needs the back end fails anyway)
+    warmup_s: float = 1.0
+    down_s: float = 6.0  # the back end stays dead while the client sends rate * down_s requests
+    how: str = "kill"  # "kill" (connections refused) or "hang" (accepted, never answered)
+    settle_timeout_s: float = 20.0  # from the back end's return until no server is blocked
+    after_s: float = 2.0  # load kept running once every server is open again
+    sample_interval_s: float = 0.25  # how often the servers' chains are read
+    # Further loads running alongside, as (path, rate): e.g. ("/login", 20.0) for new logins.
+    # Each has its own clock, started within a fraction of a second of the main one.
+    extra_loads: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.how not in ("kill", "hang"):
+            raise ValueError(f"how must be kill or hang, got {self.how!r}")
+
+    @property
+    def load_bound_s(self) -> float:
+        """A load duration that outlasts the run even when recovery takes its full timeout."""
+        return self.warmup_s + self.down_s + self.settle_timeout_s + self.after_s + 10.0
+
+
+@dataclass(frozen=True)
+class BackendOutageOutcome:
+    """What the clients got and which servers were blocked, before, during and after."""
+
+    records: tuple[Record, ...] = field(repr=False)
+    down_at: float  # load clock when the back end was killed
+    up_at: float  # load clock when it was back
+    end_at: float  # load clock when the run ended
+    samples: tuple[tuple[float, frozenset[str]], ...]  # (load clock, servers blocked)
+    recovered_s: float  # from the back end's return until no server was blocked
+    extra: dict[str, tuple[Record, ...]] = field(default_factory=dict, repr=False)  # by path
+
+    def window(self, start: float, end: float, path: str | None = None) -> list[Record]:
+        """The records of requests sent in ``[start, end)`` (load clock), of the main load or
+        of the extra load of ``path``."""
+        recs = self.records if path is None else self.extra[path]
+        return [r for r in recs if start <= r.t < end]
+
+    @property
+    def before(self) -> list[Record]:
+        """Requests sent before the back end died."""
+        return self.window(float("-inf"), self.down_at)
+
+    @property
+    def during(self) -> list[Record]:
+        """Requests sent while the back end was dead."""
+        return self.window(self.down_at, self.up_at)
+
+    def during_tail(self, fraction: float = 0.5, path: str | None = None) -> list[Record]:
+        """Requests sent in the last ``fraction`` of the outage (agents have decided by then)."""
+        return self.window(self.up_at - fraction * (self.up_at - self.down_at), self.up_at, path)
+
+    @property
+    def after(self) -> list[Record]:
+        """Requests sent after the back end came back."""
+        return self.window(self.up_at, float("inf"))
+
+    def blocked_between(self, start: float, end: float) -> list[frozenset[str]]:
+        """The blocked sets sampled in ``[start, end)`` (load clock)."""
+        return [b for t, b in self.samples if start <= t < end]
+
+    @property
+    def max_blocked_during(self) -> int:
+        """The most servers blocked at once while the back end was dead."""
+        return max((len(b) for b in self.blocked_between(self.down_at, self.up_at)), default=0)
+
+    @property
+    def blocked_at_up(self) -> frozenset[str]:
+        """The servers blocked at the last sample before the back end came back."""
+        during = self.blocked_between(self.down_at, self.up_at)
+        return during[-1] if during else frozenset()
+
+
+def _blocked(cluster: Cluster) -> frozenset[str]:
+    return frozenset(s.name for s in cluster.servers if s.is_blocked())
+
+
+def run_backend_outage(cluster: Cluster, out: Path, outage: BackendOutage = BackendOutage(),
+                       before_up: Callable[[], object] | None = None) -> BackendOutageOutcome:
+    """Kill (or hang) ``cluster``'s shared back end under load, bring it back, wait until no
+    server is blocked; the load ends before return. ``before_up`` (e.g. a demo's narration)
+    runs once the outage has lasted ``down_s``, before the back end returns."""
+    if cluster.backend_ns is None:
+        raise ValueError("the cluster has no shared back end (Cluster(backend=True))")
+    tail = RecordTail(out)
+    samples: list[tuple[float, frozenset[str]]] = []
+    load = cluster.start_load(out, rate=outage.rate, duration=outage.load_bound_s, path=outage.path)
+    extra_out = {path: out.with_name(f"{out.stem}-{k}{out.suffix}")
+                 for k, (path, _rate) in enumerate(outage.extra_loads, 1)}
+    extra_procs = [cluster.start_load(extra_out[path], rate=rate, duration=outage.load_bound_s,
+                                      path=path) for path, rate in outage.extra_loads]
+
+    def sample_until(t_end: float) -> None:
+        while tail.newest_sent() < t_end:
+            samples.append((tail.newest_sent(), _blocked(cluster)))
+            if load.poll() is not None:
+                raise RuntimeError(f"the load ended early (exit {load.returncode})")
+            time.sleep(outage.sample_interval_s)  # pacing the samples, not waiting on a condition
+
+    try:
+        wait_for(functools.partial(tail.reached, outage.warmup_s), 5.0 + outage.warmup_s,
+                 "the load's warm-up")
+        down_at = tail.mark()
+        if outage.how == "kill":
+            cluster.backend_down()
+        else:
+            cluster.backend_hang()
+        sample_until(down_at + outage.down_s)
+        samples.append((tail.newest_sent(), _blocked(cluster)))
+        if before_up is not None:
+            before_up()
+            samples.append((tail.newest_sent(), _blocked(cluster)))
+        up_at = tail.mark()
+        if outage.how == "kill":
+            cluster.backend_up()
+        else:
+            cluster.backend_resume()
+        back = time.monotonic()
+
+        def all_open() -> bool:
+            blocked = _blocked(cluster)
+            samples.append((tail.newest_sent(), blocked))
+            return not blocked
+
+        wait_for(all_open, outage.settle_timeout_s, "every server open again", interval=0.1)
+        recovered = time.monotonic() - back
+        sample_until(tail.newest_sent() + outage.after_s)
+        end_at = tail.mark()
+    finally:
+        for proc in (load, *extra_procs):
+            if proc.poll() is None:
+                proc.terminate()  # the loads we started; their bound only guards a failed run
+        for proc in (load, *extra_procs):
+            proc.wait(timeout=10)
+    return BackendOutageOutcome(tuple(read_records(out)), down_at, up_at, end_at, tuple(samples),
+                                round(recovered, 3),
+                                {path: tuple(read_records(f)) for path, f in extra_out.items()})

@@ -143,6 +143,7 @@ def cmd_status(args: argparse.Namespace) -> int:
          "until": admin.until, "remaining_s": admin.remaining(now)},
         "established": established,
         "daemon": daemon,
+        "fleet": None if daemon is None else daemon.get("fleet"),  # with [fleet], from the agent
     }
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
@@ -169,6 +170,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"daemon: running, pid {daemon.get('pid')}, service {daemon.get('health', '?')}, "
               f"firewall {daemon.get('mode', '?')}")
+        fl = daemon.get("fleet")
+        if isinstance(fl, dict):
+            state = ("etcd unreachable" if fl.get("reachable") is False else
+                     "refused: the guard keeps it open (not open: "
+                     f"{', '.join(map(str, fl.get('not_open', ()))) or '-'})" if fl.get("refused")
+                     else "permit held" if fl.get("permit") else "etcd reachable")
+            print(f"fleet: member {fl.get('member')}, {fl.get('open')} of {fl.get('size')} open "
+                  f"(min_open {fl.get('min_open')}, {fl.get('budget_left')} more suspect "
+                  f"block(s) allowed), {state}")
     return EX_OK
 
 
@@ -183,8 +193,10 @@ def cmd_block(args: argparse.Namespace) -> int:
     if args.wait and not args.drain:
         return _usage("--wait needs --drain (a full block rejects the established sessions' "
                       "packets too, so there is nothing to wait for; a drain lets them finish)")
-    if args.timeout is not None and not args.wait:
-        return _usage("--timeout needs --wait")
+    if args.timeout is not None and not (args.wait or args.wait_slot):
+        return _usage("--timeout needs --wait or --wait-slot")
+    if args.force and args.wait_slot:
+        return _usage("--force and --wait-slot exclude each other")
     if getattr(args, "then_reset", False) and args.timeout is None:
         return _usage("--then-reset needs --wait --timeout SECONDS (what is left then is reset)")
     seconds = None
@@ -197,9 +209,17 @@ def cmd_block(args: argparse.Namespace) -> int:
     sd = StateDir(cfg.state.dir)
     _expire_admin(sd, log)
     mode = Mode.DRAIN if args.drain else Mode.BLOCK
+    from watcher.cli import fleet as fleet_cli
+
+    slot = fleet_cli.before_block(cfg, args, log)  # [fleet]: a maintenance slot first, or exit 75
     # The kernel first, the record after: a block that iptables refused (exit 75) leaves no
     # record behind, so the state directory never claims what the firewall does not hold.
-    report = fw.ensure(mode)
+    try:
+        report = fw.ensure(mode)
+    except BaseException:
+        if slot:
+            fleet_cli.release_slot(cfg, log)
+        raise
     until = None if seconds is None else time.time() + seconds
     rec = sd.set_admin(args.drain, args.reason, until=until)
     log.info(Event.ADMIN_BLOCK, reason=rec.reason, drain=rec.drain, trigger="admin",
@@ -290,6 +310,9 @@ def cmd_unblock(args: argparse.Namespace) -> int:
         # that iptables refused keeps the block recorded, as the kernel still holds it).
         fw.ensure(Mode.OPEN)
     had = sd.clear_admin()
+    from watcher.cli import fleet as fleet_cli
+
+    fleet_cli.release_slot(cfg, log)
     log.info(Event.ADMIN_UNBLOCK, trigger="admin", had_block=had, daemon_running=agent is not None)
     if agent is not None:
         print(f"admin block lifted; the daemon (pid {agent.pid or 'unknown'}) now sets the chain "
@@ -297,6 +320,13 @@ def cmd_unblock(args: argparse.Namespace) -> int:
         return EX_OK
     print(f"unblocked: port {cfg.service.port} accepts connections (chain {cfg.firewall.chain} empty)")
     return EX_OK
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """Print the fleet group: its members, slot holders and budget ([fleet] only)."""
+    from watcher.cli import fleet as fleet_cli
+
+    return fleet_cli.cmd_fleet(_load(args), args.json)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -403,7 +433,8 @@ def _nagios_verdict(args: argparse.Namespace) -> tuple[int, str]:
         service=cfg.service.name, port=cfg.service.port, healthy=result.ok,
         reason=result.reason, probe_s=result.duration_ns / 1e9,
         established=_established(cfg.service.port), admin=sd.admin(now),
-        daemon_running=agent is not None, now=now)
+        daemon_running=agent is not None, now=now,
+        fleet=None if agent is None else sd.daemon(agent).get("fleet"))
     return nagios.verdict(facts)
 
 
@@ -466,11 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--then-reset", dest="then_reset", action="store_true",
                    help="with --wait --timeout: on timeout, end (TCP reset) the connections from "
                         "other hosts that are left; exit 1 when none remains then")
+    b.add_argument("--wait-slot", action="store_true",
+                   help="[fleet]: wait for a free maintenance slot (with --timeout: at most SECONDS)")
+    b.add_argument("--force", action="store_true",
+                   help="[fleet]: block without a maintenance slot (logged as an audit event)")
     b.set_defaults(func=cmd_block)
     u = sub.add_parser("unblock", parents=[common], help="lift the admin block")
     u.set_defaults(func=cmd_unblock)
     x = sub.add_parser("cleanup", parents=[common], help="remove the chain and its jump (IPv4 and IPv6)")
     x.set_defaults(func=cmd_cleanup)
+    fl = sub.add_parser("fleet", parents=[common], help="show the fleet group ([fleet]) and its budget")
+    fl.add_argument("--json", action="store_true", help="print JSON")
+    fl.set_defaults(func=cmd_fleet)
     k = sub.add_parser("config-check", parents=[common], help="validate the configuration file")
     k.set_defaults(func=cmd_config_check)
     return p

@@ -13,7 +13,9 @@ break, so a consumer always finds the performance data after the one ``|``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from watcher.cli.duration import format_duration
 from watcher.statedir import AdminRecord
@@ -41,6 +43,18 @@ class Facts:
     admin: AdminRecord | None
     daemon_running: bool
     now: float  # UNIX time, to show a timed block's time left
+    fleet: Mapping[str, Any] | None = None  # the agent's fleet guard summary, with [fleet]
+
+
+def _fleet_texts(f: Facts) -> tuple[str, str]:
+    """(critical, warning) additions from the fleet guard: a refused suspect block, etcd away."""
+    g = f.fleet or {}
+    refused = ""
+    if g.get("refused"):
+        names = ", ".join(str(n) for n in g.get("not_open", ())) or "unknown"
+        refused = f"fleet guard keeps it open (budget spent; not open: {names})"
+    away = "etcd unreachable: the fleet guard decides alone" if g.get("reachable") is False else ""
+    return refused, away
 
 
 def _clean(text: str) -> str:
@@ -72,8 +86,10 @@ def _admin_text(rec: AdminRecord, now: float) -> str:
 def verdict(f: Facts) -> tuple[int, str]:
     """The exit code and the one output line for ``f``."""
     conns = f"{f.established} established"
+    refused, away = _fleet_texts(f)
     if not f.healthy:
         text = f"{f.service} down on port {f.port}: {f.reason}"
+        text += "".join(f"; {t}" for t in (refused, away) if t)
         if f.admin is not None:
             text += f"; {_admin_text(f.admin, f.now)}"
         return CRITICAL, _line(CRITICAL, f"{text}; {conns}", _perfdata(f))
@@ -82,6 +98,8 @@ def verdict(f: Facts) -> tuple[int, str]:
         warnings.append(_admin_text(f.admin, f.now))
     if not f.daemon_running:
         warnings.append("agent not running: no failover if the service fails")
+    if away:
+        warnings.append(away)
     if warnings:
         text = "; ".join(warnings) + f"; {f.service} healthy; {conns}"
         return WARNING, _line(WARNING, text, _perfdata(f))

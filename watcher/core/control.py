@@ -29,6 +29,11 @@ out the actions it returns, in order. The core owns:
   while a drain is in effect, the idle ones are, again every ``drain_sweep`` while it lasts
   (``watcher.core.sessions`` says which are idle). At most one such round is in flight; a
   kernel without SOCK_DESTROY is reported once and never asked again.
+* **the fleet guard** (``[fleet]``, ``State.guard``; rules in ``watcher.core.fleet``): a suspect
+  DOWN blocks only with a permit (``AskPermit`` -> ``PermitAnswer``), asked again on every
+  ``FleetChanged`` and tick while refused; a proven DOWN never asks. The member key follows
+  what the kernel holds (``Register``); ``FleetUnreachable``/``FleetReachable`` switch to the
+  ``unreachable`` policy and back, and never change a rule by themselves.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from typing import Any
 from rules.model import Mode
 from watcher.config import Config, LogLevel, OnExit
 from watcher.core.catalogue import Event
+from watcher.core.fleet import FleetView, Guard, allows_suspect_block, is_proven
 from watcher.core.sessions import DEFAULT_QUIET_MS
 from watcher.core.triggers import Evidence, Source, Trigger
 from watcher.errors import EX_OK, EX_TEMPFAIL
@@ -51,19 +57,25 @@ __all__ = [
     "AdminRead",
     "Applied",
     "ApplyFailed",
+    "AskPermit",
     "ConnectionsReset",
     "Count",
     "Exit",
+    "FleetChanged",
+    "FleetReachable",
+    "FleetUnreachable",
     "Health",
     "Input",
     "Log",
     "Notify",
     "NotifyKind",
     "Params",
+    "PermitAnswer",
     "ProbeAt",
     "Probed",
     "Publish",
     "ReadAdminAt",
+    "Register",
     "Reloaded",
     "RemoveChain",
     "ResetConnections",
@@ -189,6 +201,7 @@ class State:
     sweep_at_ns: int | None = None  # the drain's next look for idle connections
     reset_off: str = ""  # why connections are never reset in this run ("": they are)
     reset_error: str = ""  # the last failed round's reason, warned about once
+    guard: Guard | None = None  # the fleet guard, with [fleet]
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -291,8 +304,39 @@ class SweepDue:
     """The time a ``SweepAt`` asked for has come: look for newly idle connections."""
 
 
+@dataclass(frozen=True)
+class PermitAnswer:
+    """The answer to ``AskPermit``: granted (the member key now says block) or refused, with
+    the members counted not open; ``error``: etcd failed to answer (counts as refused)."""
+
+    granted: bool
+    not_open: tuple[str, ...] = ()
+    open_count: int = 0
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class FleetChanged:
+    """The watch saw the group change; ``view`` is the group as it is now."""
+
+    view: FleetView
+
+
+@dataclass(frozen=True)
+class FleetReachable:
+    """etcd answers (again); the member key must be registered anew."""
+
+
+@dataclass(frozen=True)
+class FleetUnreachable:
+    """No etcd endpoint answered for a whole lease: the member key has expired by now."""
+
+    reason: str
+
+
 Input = (Probed | AdminRead | Applied | ApplyFailed | RetryDue | Tick | Reloaded | Stop
-         | StopBound | ConnectionsReset | SweepDue)
+         | StopBound | ConnectionsReset | SweepDue
+         | PermitAnswer | FleetChanged | FleetReachable | FleetUnreachable)
 
 
 # ------------------------------------------------------------------------------------ actions
@@ -387,6 +431,7 @@ class Status:
     admin: AdminBlock | None
     reason: str  # the last probe failure, "" when the last probe passed
     ready: bool = False  # the kernel holds the first decision: the agent check may answer
+    fleet: Guard | None = None  # the fleet guard's state, with [fleet]
 
 
 @dataclass(frozen=True)
@@ -436,8 +481,27 @@ class SweepAt:
     at_ns: int
 
 
+@dataclass(frozen=True)
+class AskPermit:
+    """Ask the fleet for a suspect block: one etcd transaction that sets the member key to
+    block only if ``fleet.grant`` allows it; answer with ``PermitAnswer``."""
+
+    since_ns: int  # when the suspect DOWN asked (monotonic)
+
+
+@dataclass(frozen=True)
+class Register:
+    """Write the member key: ``mode`` the kernel holds, ``cause`` (health or admin), since when
+    (monotonic); ``slot``: the member keeps its maintenance slot (else it is released)."""
+
+    mode: Mode
+    cause: str
+    since_ns: int
+    slot: bool = False
+
+
 Action = (SetFirewall | RemoveChain | ProbeAt | RetryAt | ReadAdminAt | StopBoundAt | Log
-          | Count | Publish | Notify | Exit | ResetConnections | SweepAt)
+          | Count | Publish | Notify | Exit | ResetConnections | SweepAt | AskPermit | Register)
 
 
 # ------------------------------------------------------------------------------------ pure parts
@@ -450,9 +514,10 @@ def outranks(new: Trigger, cur: Trigger) -> bool:
     return new.monotonic_ns < cur.monotonic_ns
 
 
-def initial(params: Params, admin: AdminBlock | None = None) -> State:
-    """The state at start-up: STARTING, nothing applied, the persisted admin block if any."""
-    return State(params=params, admin=admin)
+def initial(params: Params, admin: AdminBlock | None = None, guard: Guard | None = None) -> State:
+    """The state at start-up: STARTING, nothing applied, the persisted admin block if any, the
+    fleet guard if configured."""
+    return State(params=params, admin=admin, guard=guard)
 
 
 def desired_mode(s: State) -> Mode | None:
@@ -462,12 +527,14 @@ def desired_mode(s: State) -> Mode | None:
     if s.health is Health.UP:
         return Mode.OPEN
     if s.health is Health.DOWN:
+        if s.guard is not None and s.guard.suspect and not allows_suspect_block(s.guard, s.applied):
+            return Mode.OPEN  # the fleet guard keeps a suspect DOWN open
         return Mode.BLOCK
     return None
 
 
 def _status(s: State) -> Status:
-    return Status(s.health, s.applied, s.admin, s.last_failure, s.ready)
+    return Status(s.health, s.applied, s.admin, s.last_failure, s.ready, s.guard)
 
 
 def _trig(t: Trigger | None) -> dict[str, Any]:
@@ -530,6 +597,11 @@ def _probed(s: State, i: Probed, now: int, out: list[Action]) -> State:
     else:
         (nxt, reason), again = _on_fail(s, i.reason, death), None
         nxt = replace(nxt, last_failure=i.reason)
+        if nxt.guard is not None:
+            g = replace(nxt.guard, suspect=not is_proven(i.check, death))
+            if s.health is not Health.DOWN:
+                g = replace(g, down_cause=i.trigger)
+            nxt = replace(nxt, guard=g)
     if nxt.health is not s.health:
         out.append(Log(LogLevel.INFO, _TRANSITION[s.health, nxt.health], {
             "reason": reason, **_trig(i.trigger), "health.state": nxt.health.value}))
@@ -730,12 +802,94 @@ def _reconcile(s: State, now: int, out: list[Action]) -> State:
     return replace(s, in_flight=change, repair_due=None)
 
 
+def _needs_permit(s: State) -> bool:
+    """A suspect DOWN, no admin block, no permit yet: the guard must ask before blocking."""
+    g = s.guard
+    return (g is not None and s.health is Health.DOWN and g.suspect and not g.permit
+            and s.admin is None and s.stop_at_ns is None)
+
+
+def _fleet_input(s: State, inp: Input, out: list[Action]) -> tuple[State, bool]:
+    """Fold a fleet input into the guard; True when the guard should ask again if refused."""
+    g = s.guard
+    if g is None:
+        return s, False
+    nudge = False
+    match inp:
+        case PermitAnswer() if not g.asking:
+            pass  # a late answer from before the connection was lost: re-registering fixes it
+        case PermitAnswer(granted=True):
+            g = replace(g, asking=False, registered=(str(Mode.BLOCK), "health"), refused=None)
+            if _needs_permit(s):
+                g = replace(g, permit=True, again=False)
+                out.append(Log(LogLevel.INFO, Event.FLEET_GUARD_GRANTED, {
+                    "reason": s.last_failure, "open_members": inp.open_count,
+                    "not_open": list(inp.not_open), "min_open": g.min_open}))
+                s = replace(s, guard=g)
+                return (_want(s, g.down_cause, f"fleet permit granted: {s.last_failure}", None),
+                        False)
+        case PermitAnswer(granted=False):
+            nudge, g = g.again, replace(g, asking=False, again=False)
+            if _needs_permit(s) and inp.not_open != g.refused:
+                out.append(Log(LogLevel.WARNING, Event.FLEET_GUARD_REFUSED, {
+                    "reason": inp.error or s.last_failure, "not_open": list(inp.not_open),
+                    "open_members": inp.open_count, "min_open": g.min_open,
+                    "group_size": g.size, "mode": str(s.applied) if s.applied else None}))
+            if _needs_permit(s):
+                g = replace(g, refused=inp.not_open)
+        case FleetChanged(view=view):
+            g, nudge = replace(g, view=view, again=g.asking), True
+        case FleetReachable():
+            if g.reachable is False:
+                out.append(Log(LogLevel.INFO, Event.FLEET_REACHABLE, {"mode": str(s.applied)
+                                                               if s.applied else None}))
+            g, nudge = replace(g.lost(), reachable=True), True
+        case FleetUnreachable(reason=reason):
+            if g.reachable is not False:
+                out.append(Log(LogLevel.WARNING, Event.FLEET_UNREACHABLE, {
+                    "reason": reason, "unreachable_policy": g.unreachable}))
+            g = replace(g.lost(), reachable=False)
+        case Tick():
+            nudge = True
+    return replace(s, guard=g), nudge
+
+
+def _fleet_after(s: State, nudge: bool, now: int, out: list[Action]) -> State:
+    """Ask for a permit when one is needed, and keep the member key saying what the kernel
+    holds (never before the kernel holds it, except the permit's own block)."""
+    g = s.guard
+    if g is None or s.exited:
+        return s
+    if s.health is not Health.DOWN and (g.permit or g.refused is not None):
+        g = replace(g, permit=False, refused=None)  # recovered: the next DOWN asks anew
+    s = replace(s, guard=g)
+    if g.reachable is True and s.applied is not None:
+        want = desired_mode(s)
+        if g.permit and want is Mode.BLOCK:
+            reg = (str(Mode.BLOCK), "health")
+        elif g.registered is not None and (g.asking or (want is not None and want is not s.applied)):
+            reg = g.registered  # the transaction or the kernel change comes first
+        else:
+            admin = s.admin is not None and s.applied is not Mode.OPEN
+            reg = (str(s.applied), "admin" if admin else "health")
+        if reg != g.registered:
+            out.append(Register(Mode(reg[0]), reg[1], now, slot=reg[1] == "admin"))
+            g = replace(g, registered=reg)
+    s = replace(s, guard=g)
+    if (_needs_permit(s) and g.reachable is True and not g.asking
+            and (g.refused is None or nudge)):
+        out.append(AskPermit(now))
+        g = replace(g, asking=True, again=False)
+    return replace(s, guard=g)
+
+
 def step(s: State, inp: Input, now_ns: int) -> tuple[State, tuple[Action, ...]]:
     """The next state and the actions to carry out, in order, for ``inp`` at ``now_ns``."""
     if s.exited:
         return s, ()
     out: list[Action] = []
     before = _status(s)
+    s, nudge = _fleet_input(s, inp, out)
     match inp:
         case Probed():
             s = _probed(s, inp, now_ns, out)
@@ -784,7 +938,9 @@ def step(s: State, inp: Input, now_ns: int) -> tuple[State, tuple[Action, ...]]:
                                                               "exit_code": EX_TEMPFAIL}))
             out.append(Exit(EX_TEMPFAIL))
             return replace(s, exited=True), tuple(out)
+    s = _fleet_after(s, nudge, now_ns, out)  # an AskPermit's "asking" keeps a held block held
     s = _reconcile(s, now_ns, out)
+    s = _fleet_after(s, False, now_ns, out)
     if not s.exited and _status(s) != before:
         out.append(Publish(_status(s)))
     return s, tuple(out)

@@ -20,6 +20,7 @@ import contextlib
 import socket
 from typing import Any
 
+from rules.model import Mode
 from watcher.core.control import Health, Status
 
 __all__ = [
@@ -69,6 +70,11 @@ def answer(s: Status) -> str:
         return sanitize(f"maint #admin block: {reason}") + "\n"
     if s.health is Health.UP:
         return "up drain\n" if s.admin else "up ready 100%\n"
+    if (s.fleet is not None and s.fleet.refused is not None and s.mode is Mode.OPEN
+            and s.admin is None):
+        # the fleet guard keeps this failing server open: taking it out of rotation here
+        # would undo the guard
+        return "up ready 100%\n"
     if s.health is Health.STARTING:
         why = "agent starting, first probe not done"
     else:

@@ -33,12 +33,15 @@ from prometheus_client.registry import CollectorRegistry
 from rules.model import Mode
 from watcher.atomicfile import write_atomic
 from watcher.core.control import Health, Status
+from watcher.core.fleet import Guard
 
 __all__ = [
     "LATENCY_BUCKETS_S",
     "MODES",
+    "FleetMetrics",
     "Metrics",
     "Snapshot",
+    "fleet_metrics",
     "render",
     "write_textfile",
 ]
@@ -68,6 +71,42 @@ class Snapshot:
     # connections the agent ended, by (mode: block | drain, peer family: ipv4 | ipv6)
     connections_reset: Mapping[tuple[str, str], int] = field(default_factory=lambda: {
         (m, f): 0 for m in ("block", "drain") for f in ("ipv4", "ipv6")})
+    fleet: FleetMetrics | None = None  # with [fleet]
+
+
+@dataclass(frozen=True)
+class FleetMetrics:
+    """The fleet guard's gauges: members by mode, refused, reachable, slot held."""
+
+    by_mode: Mapping[str, int] = field(default_factory=dict)
+    refused: bool = False
+    reachable: bool = False
+    slot_held: bool = False
+
+
+def fleet_metrics(g: Guard) -> FleetMetrics:
+    """The gauges of the guard ``g``."""
+    by_mode = dict.fromkeys(MODES, 0)
+    for m in g.view.members:
+        if m.mode in by_mode:
+            by_mode[m.mode] += 1
+    return FleetMetrics(by_mode, g.refused is not None, g.reachable is True, g.member in g.view.slots)
+
+
+def _fleet_families(f: FleetMetrics) -> Iterator[Metric]:
+    p = PREFIX
+    members = GaugeMetricFamily(f"{p}_fleet_members", "Registered members of the fleet group, "
+                                "by the mode their kernel holds.", labels=["mode"])
+    for m in MODES:
+        members.add_metric([m], float(f.by_mode.get(m, 0)))
+    yield members
+    yield GaugeMetricFamily(f"{p}_fleet_guard_refused", "1 while the fleet guard refuses this "
+                            "server's suspect block (it fails its probe and stays open).",
+                            value=1.0 if f.refused else 0.0)
+    yield GaugeMetricFamily(f"{p}_fleet_reachable", "1 while etcd answers, else 0.",
+                            value=1.0 if f.reachable else 0.0)
+    yield GaugeMetricFamily(f"{p}_fleet_slot_held", "1 while this member holds a maintenance slot.",
+                            value=1.0 if f.slot_held else 0.0)
 
 
 def _families(s: Snapshot) -> Iterator[Metric]:
@@ -118,6 +157,8 @@ def _families(s: Snapshot) -> Iterator[Metric]:
     for (mode_, family), n in sorted(s.connections_reset.items()):
         resets.add_metric([mode_, family], float(n))
     yield resets
+    if s.fleet is not None:
+        yield from _fleet_families(s.fleet)
     info = GaugeMetricFamily(f"{p}_build_info", "Always 1; the agent's version as a label.",
                              labels=["version"])
     info.add_metric([s.version], 1.0)
@@ -231,6 +272,10 @@ class Metrics:
             counts = dict(self._snap.connections_reset)
             counts[mode, family] = counts.get((mode, family), 0) + n
         self._update(connections_reset=counts)
+
+    def fleet(self, f: FleetMetrics) -> None:
+        """The fleet guard's gauges now."""
+        self._update(fleet=f)
 
     def log_dropped(self, total: int) -> None:
         """The log sinks have dropped ``total`` lines since the agent started."""

@@ -18,8 +18,9 @@ from watcher import __version__
 from watcher.config import Config, parse_listen
 from watcher.core import control
 from watcher.core.catalogue import Event
+from watcher.core.fleet import summary
 from watcher.outputs import agentcheck
-from watcher.outputs.metrics import Metrics
+from watcher.outputs.metrics import Metrics, fleet_metrics
 from watcher.outputs.notify import Notifier
 from watcher.probe import CHECKS
 from watcher.statedir import StateDir
@@ -31,7 +32,8 @@ def status_record(status: control.Status, pid: int, since: float) -> dict[str, A
     """The status file's object (daemon.json) for ``status``, written by agent ``pid``."""
     return {"pid": pid, "health": str(status.health),
             "mode": None if status.mode is None else str(status.mode),
-            "admin": status.admin is not None, "since": since}
+            "admin": status.admin is not None, "since": since,
+            **({} if status.fleet is None else {"fleet": summary(status.fleet)})}
 
 
 def status_line(status: control.Status) -> str:
@@ -99,6 +101,8 @@ class Outputs:
         self._io.submit(self._write_status, status)
         if self._metrics is not None:
             self._metrics.status(status)
+            if status.fleet is not None:
+                self._metrics.fleet(fleet_metrics(status.fleet))
             self._metrics.log_dropped(self._dropped())
         if self._check is not None:
             self._check.update(status)
