@@ -2,8 +2,9 @@
 
 Each test runs Debian's rsyslogd on a private configuration inside a throwaway namespace: a
 relay that loads packaging/rsyslog/sslvpn-heartbeat.conf (its own /dev/log stand-in, a unix
-socket, in; mmjsonparse; forward with octet counting over TCP) and a collector that loads
-packaging/rsyslog/collector.conf (mmjsonparse, one JSON object per line to a file). The agent
+socket, in; mmjsonparse; forward over RELP through a disk-assisted queue) and a collector that
+loads packaging/rsyslog/collector.conf (imrelp, mmjsonparse, one JSON object per line to a
+file). The agent
 only ever writes to the local socket: remote shipping, queueing and retries are rsyslog's. The
 real daemon watches the fake service in the same namespace.
 """
@@ -35,7 +36,7 @@ if not os.path.exists(RSYSLOGD):
     pytestmark = [pytestmark, pytest.mark.skip(reason="rsyslog is not installed")]
 
 SAMPLES = REPO / "packaging" / "rsyslog"
-COLLECTOR_PORT = 6514  # the collector's port, as in the sample (the namespace is private)
+COLLECTOR_PORT = 2514  # the collector's RELP port, as in the sample (the namespace is private)
 TRANSITIONS = ("service-down", "firewall-block", "service-up", "firewall-unblock")
 EVENT_ONLY_INTERVAL_S = 30.0
 DEAD_HOST = "127.0.0.66"

@@ -9,7 +9,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 from hypothesis import given, settings
@@ -38,7 +38,7 @@ class GateStream(io.StringIO):
         return super().write(s)
 
 
-def pipeline(stream: io.StringIO, cfg: LogConfig | None = None, queue_lines: int = 1000) -> Logging:
+def pipeline(stream: TextIO, cfg: LogConfig | None = None, queue_lines: int = 1000) -> Logging:
     """A pipeline on ``stream`` with a fixed host name."""
     return configure(cfg or LogConfig(), service_name="novell-sslvpn", stream=stream,
                      hostname="vpn1.example", queue_lines=queue_lines)
@@ -245,3 +245,58 @@ def test_gaps_keep_exact_runs_whatever_the_order(lost: list[int]) -> None:
     assert all(a <= b for a, b in runs)
     assert all(b1 + 1 < a2 for (_, b1), (a2, _) in itertools.pairwise(runs))
     assert gaps.take() == [] and gaps.count == 0
+
+
+# ---------------------------------------------------------------------------- one path to the SIEM
+
+
+def test_under_the_journal_the_syslog_sink_is_skipped(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When JOURNAL_STREAM names the stream, [log] syslog = true opens no syslog sink (each event
+    would reach the journal and rsyslog twice): sink-skipped says so, the socket gets nothing."""
+    import os
+    import socket
+
+    addr = str(tmp_path / "dev-log")
+    r, w = os.pipe()
+    st = os.fstat(w)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    stream = os.fdopen(w, "w", closefd=False)  # the stream sink writes to the descriptor
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(addr)
+        rx.setblocking(False)
+        p = pipeline(stream, LogConfig(syslog=True, syslog_address=addr))
+        p.logger().info(Event.SERVICE_UP)
+        assert p.flush()
+        p.close()
+        os.close(w)
+        with os.fdopen(r, "rb") as out:
+            lines = [json.loads(x[3:]) for x in out.read().decode().splitlines()]
+        with pytest.raises(BlockingIOError):
+            rx.recv(65536)
+    skipped, up = lines
+    assert (skipped["event.action"], skipped["log.level"]) == ("sink-skipped", "warning")
+    assert (skipped["sslvpn_heartbeat.sink"], skipped["sslvpn_heartbeat.sink_target"]) == ("syslog", addr)
+    assert [d["event.sequence"] for d in lines] == [1, 2] and up["event.action"] == "service-up"
+    check_event(skipped)
+
+
+def test_without_the_journal_the_syslog_sink_is_used(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without JOURNAL_STREAM (init script, terminal) the syslog sink sends every event."""
+    import socket
+
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    addr = str(tmp_path / "dev-log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(addr)
+        rx.settimeout(5)
+        stream = io.StringIO()
+        p = pipeline(stream, LogConfig(syslog=True, syslog_address=addr))
+        try:
+            p.logger().info(Event.SERVICE_UP)
+            data = rx.recv(65536).decode()
+        finally:
+            p.close()
+    assert json.loads(data[data.index(" - {") + 3:])["event.sequence"] == 1
+    assert "sink-skipped" not in stream.getvalue()

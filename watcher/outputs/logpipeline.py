@@ -334,6 +334,7 @@ class _Sink:
 
 class _Stream(_Sink, logging.StreamHandler):  # type: ignore[type-arg]  # generic only in typeshed
     sink_name = "stream"
+    journal = False  # the stream is journald's (JOURNAL_STREAM names it)
 
 
 class _File(_Sink, logging.handlers.WatchedFileHandler):
@@ -511,7 +512,7 @@ def _stream_sink(stream: TextIO, fmt: str) -> _Stream:
         out, journal = _Fd(stream.fileno()), os.environ.get("JOURNAL_STREAM") == f"{st.st_dev}:{st.st_ino}"
         stream.flush()  # what was printed before goes first
     sink = _Stream(out)
-    sink.target = str(getattr(stream, "name", "stream"))
+    sink.target, sink.journal = str(getattr(stream, "name", "stream")), journal
     prefix = "<%(severity)d>" if journal else ""
     sink.setFormatter(_Console() if fmt == "console" else logging.Formatter(prefix + "%(message)s"))
     return sink
@@ -535,11 +536,16 @@ def configure(cfg: LogConfig, *, service_name: str, stream: TextIO | None = None
     if level is None:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {cfg.level!r}")
     host = hostname if hostname is not None else socket.gethostname()
-    sinks: list[_Sink] = [_stream_sink(stream if stream is not None else sys.stdout, fmt)]
+    first = _stream_sink(stream if stream is not None else sys.stdout, fmt)
+    sinks: list[_Sink] = [first]
+    # Under journald the journal already holds every line, and /dev/log is journald's too: a
+    # syslog sink would deliver each event twice to the journal and to what reads it (rsyslog).
+    skip_syslog = cfg.syslog and first.journal
     if cfg.file:
         sinks.append(_File(cfg.file, delay=True))
         sinks[-1].target = cfg.file
-    if cfg.syslog:  # RFC 5424, "<PRI>1 TIMESTAMP HOST APP PID MSGID - JSON", one datagram an event
+    if cfg.syslog and not skip_syslog:
+        # RFC 5424, "<PRI>1 TIMESTAMP HOST APP PID MSGID - JSON", one datagram an event
         syslog = _Syslog(cfg.syslog_address, cfg.syslog_facility, socket.SOCK_DGRAM)
         syslog.target, syslog.append_nul = cfg.syslog_address, False
         syslog.hold_s, syslog.stop = syslog_hold_s, threading.Event()
@@ -557,4 +563,8 @@ def configure(cfg: LogConfig, *, service_name: str, stream: TextIO | None = None
     logging.captureWarnings(True)
     result = Logging(intake, sinks, level)
     result.install()
+    if skip_syslog:
+        result.logger().warning(Event.SINK_SKIPPED, sink="syslog", sink_target=cfg.syslog_address,
+                                reason="the agent's output is the journal, which has every line; "
+                                       "rsyslog reads them from there")
     return result
