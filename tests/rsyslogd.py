@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 
 from tests.netns import REPO, Netns, wait_for
 
-__all__ = ["COLLECTOR_PORT", "RSYSLOGD", "SAMPLES", "Rsyslog", "received", "sample",
+__all__ = ["COLLECTOR_PORT", "RSYSLOGD", "SAMPLES", "Rsyslog", "gap_query", "received", "sample",
            "start_collector", "start_relay"]
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
@@ -115,3 +116,14 @@ def received(path: Path) -> list[dict[str, Any]]:
         assert isinstance(obj, dict), f"line {n} is not an object: {line!r}"
         out.append(obj)
     return out
+
+
+def gap_query(path: Path) -> list[dict[str, Any]]:
+    """Run docs/events.md's jq query for gaps on a collector's file: one object per run that
+    lacks numbers (run, host, last, stopped, missing)."""
+    doc = (REPO / "docs" / "events.md").read_text()
+    m = re.search(r"```sh\n(jq .*?) /var/log/siem/sslvpn-heartbeat.json\n```", doc, re.S)
+    assert m, "the jq query for gaps is not in docs/events.md"
+    argv = ["jq", "-s", "-c", m.group(1).split("'", 1)[1].rsplit("'", 1)[0], str(path)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+    return [json.loads(x) for x in proc.stdout.splitlines()]

@@ -31,7 +31,7 @@ import pytest
 
 from tests.agent import Agent, Service, agent_config
 from tests.netns import Netns, veth_pair, wait_for
-from tests.rsyslogd import RSYSLOGD, received, start_collector, start_relay
+from tests.rsyslogd import RSYSLOGD, gap_query, received, start_collector, start_relay
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 if not os.path.exists(RSYSLOGD):
@@ -184,6 +184,7 @@ def test_collector_outage_and_relay_restart_lose_nothing(bed: Bed) -> None:
     assert set(unique) == set(sent) and all(unique[k] == sent[k] for k in sent)
     seqs = sorted(e["event.sequence"] for e in unique.values())
     assert seqs == list(range(1, len(sent) + 1))
+    assert gap_query(bed.out) == []  # docs/events.md's query for gaps finds none
     copies = {k: n for k, n in Counter(e["event.id"] for e in got).items() if n > 1}
     print(f"\n{FAILOVERS} failovers during a {OUTAGE_S:.0f} s outage, relay restart {took:.2f} s: "
           f"{len(sent)} events, all at the collector; RELP redelivered {len(copies)}: {copies}\n"
@@ -221,6 +222,7 @@ def test_a_full_disk_under_the_relay_costs_a_visible_gap(netns: Netns, client_ns
                      "the run's last event at the collector")
             got = by_id(b.collected())
             relay_errors = b.relay.errors()
+            gaps = gap_query(b.out)
         finally:
             b.relay.stop()
             b.collector.stop()
@@ -232,6 +234,8 @@ def test_a_full_disk_under_the_relay_costs_a_visible_gap(netns: Netns, client_ns
     assert missing, "a full disk under the queue at a restart should have cost something"
     assert missing <= set(range(first, last + 1)), "lost more than the queue held at the restart"
     assert min(have) == 1 and stop in have  # the gap lies between numbers the SIEM has
+    assert [(g["run"], g["missing"], g["stopped"]) for g in gaps] == [  # as docs/events.md finds it
+        (b.tail.events[0]["process.entity_id"], sorted(missing), True)]
     assert all(got[k] == sent[k] for k in got)
     assert "No space left on device" in relay_errors  # and rsyslog said why
     assert not [e for e in sent.values() if e["event.action"] in ("log-dropped", "sink-failed")]

@@ -7,6 +7,7 @@ system test; here each file is checked by rsyslogd itself (-N1) and the package'
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import REPO
+from tests.rsyslogd import gap_query
 
 SAMPLES = REPO / "packaging" / "rsyslog"
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
@@ -122,3 +124,18 @@ def test_the_unit_tags_its_lines_as_the_rsyslog_rule_selects() -> None:
     assert re.search(r"^SyslogIdentifier=sslvpn-heartbeat$", unit, re.M)
     for name in ("sslvpn-heartbeat.conf", "sslvpn-heartbeat-tls.conf"):
         assert 'if $programname == "sslvpn-heartbeat" then' in (SAMPLES / name).read_text()
+
+
+def test_the_documented_gap_query_lists_exactly_the_missing_numbers(tmp_path: Path) -> None:
+    """docs/events.md's jq query on a collector's file: per run, the numbers missing below its
+    last one, a redelivered copy counted once, runs without a gap not listed."""
+    lines = [("a", 1, "agent-start"), ("a", 2, "probe-failed"), ("a", 2, "probe-failed"),
+             ("a", 5, "agent-stop"), ("b", 1, "agent-start"), ("b", 2, "agent-stop"),
+             ("c", 2, "service-up"), ("c", 4, "service-down")]
+    path = tmp_path / "sslvpn-heartbeat.json"
+    path.write_text("".join(json.dumps({"process.entity_id": r, "host.hostname": "vpn1",
+                                        "event.sequence": n, "event.action": a}) + "\n"
+                            for r, n, a in lines))
+    assert gap_query(path) == [
+        {"run": "a", "host": "vpn1", "last": 5, "stopped": True, "missing": [3, 4]},
+        {"run": "c", "host": "vpn1", "last": 4, "stopped": False, "missing": [1, 3]}]
