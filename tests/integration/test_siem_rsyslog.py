@@ -2,10 +2,11 @@
 
 Each test runs Debian's rsyslogd on a private configuration inside a throwaway namespace: a
 relay that loads packaging/rsyslog/sslvpn-heartbeat.conf (its own /dev/log stand-in, a unix
-socket, in; mmjsonparse; forward with octet counting over TCP) and a collector that loads
-packaging/rsyslog/collector.conf (mmjsonparse, one JSON object per line to a file). The agent
-only ever writes to the local socket: remote shipping, queueing and retries are rsyslog's. The
-real daemon watches the fake service in the same namespace.
+socket, in; mmjsonparse; forward over RELP through a disk-assisted queue) and a collector that
+loads packaging/rsyslog/collector.conf (imrelp, mmjsonparse, one JSON object per line to a
+file), both from tests/rsyslogd.py. The agent only ever writes to the local socket: remote
+shipping, queueing and retries are rsyslog's. The real daemon watches the fake service in the
+same namespace.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,104 +23,20 @@ import pytest
 
 from tests.agent import Agent, Service, agent_config
 from tests.ecs import check_event
-from tests.netns import REPO, Netns, wait_for
+from tests.netns import Netns, wait_for
+from tests.rsyslogd import RSYSLOGD, received, start_collector, start_relay
 from watcher.core.catalogue import Event
 from watcher.outputs.logpipeline import ECS_VERSION
 
 pytestmark = pytest.mark.netns
 
-RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 if not os.path.exists(RSYSLOGD):
     pytestmark = [pytestmark, pytest.mark.skip(reason="rsyslog is not installed")]
 
-SAMPLES = REPO / "packaging" / "rsyslog"
-COLLECTOR_PORT = 6514  # the collector's port, as in the sample (the namespace is private)
 TRANSITIONS = ("service-down", "firewall-block", "service-up", "firewall-unblock")
 EVENT_ONLY_INTERVAL_S = 30.0
 DEAD_HOST = "127.0.0.66"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-class Rsyslog:
-    """rsyslogd -n on its own configuration, work directory and PID file, inside ``ns``."""
-
-    def __init__(self, ns: Netns, d: Path, conf: str) -> None:
-        self.ns, self.d = ns, d
-        (d / "work").mkdir(parents=True, exist_ok=True)
-        self.conf = d / "rsyslog.conf"
-        self.conf.write_text(f'global(workDirectory="{d / "work"}" maxMessageSize="64k")\n' + conf)
-        self.pid_file = d / "rsyslogd.pid"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, ready: str) -> Rsyslog:
-        """Check the configuration (-N1), start the daemon, wait until ``ready`` (a path or
-        "tcp:PORT"/"udp:PORT") is served."""
-        check = self.ns.run([RSYSLOGD, "-N1", "-f", str(self.conf)], check=False)
-        assert check.returncode == 0, f"rsyslog rejects {self.conf}:\n{check.stderr}{check.stdout}"
-        with open(self.d / "rsyslogd.err", "wb") as err:
-            self.proc = self.ns.popen([RSYSLOGD, "-n", "-f", str(self.conf), "-i",
-                                       str(self.pid_file)], stdout=err, stderr=err,
-                                      stdin=subprocess.DEVNULL)
-        wait_for(lambda: self._serving(ready), 10, f"rsyslogd serving {ready}")
-        return self
-
-    def _serving(self, ready: str) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"rsyslogd exited: {(self.d / 'rsyslogd.err').read_text()}")
-        if ready.startswith("/"):
-            return os.path.exists(ready)
-        proto, port = ready.split(":")
-        flag = "-Hltn" if proto == "tcp" else "-Hlun"
-        return bool(self.ns.run(["ss", flag, f"sport = :{port}"]).stdout.strip())
-
-    def stop(self) -> None:
-        """SIGTERM rsyslogd (it flushes its files) and wait for it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-
-
-def sample(name: str, **replace: str) -> str:
-    """A packaged rsyslog sample with its site-specific values replaced for this test."""
-    text = (SAMPLES / name).read_text()
-    for old, new in replace.items():
-        assert old in text, f"{old!r} not in {name}"
-        text = text.replace(old, new)
-    return text
-
-
-def start_collector(ns: Netns, d: Path) -> tuple[Rsyslog, Path]:
-    """The SIEM-side rsyslog from collector.conf; returns it and the file its JSON lines go to."""
-    conf = sample("collector.conf", **{"/var/log/siem/": f"{d}/"})
-    return Rsyslog(ns, d, conf).start(f"tcp:{COLLECTOR_PORT}"), d / "sslvpn-heartbeat.json"
-
-
-def start_relay(ns: Netns, d: Path, collector: str = "127.0.0.1") -> tuple[Rsyslog, str]:
-    """The agent-side rsyslog from sslvpn-heartbeat.conf, reading its own unix socket (what
-    /dev/log is on a host) and forwarding to ``collector``; returns it and the agent's
-    ``syslog_address``."""
-    d.mkdir(parents=True, exist_ok=True)
-    sock = str(d / "log.sock")
-    inputs = ('module(load="imuxsock" SysSock.Use="off")\n'
-              f'input(type="imuxsock" Socket="{sock}" UseSpecialParser="off" ParseHostname="on")\n')
-    (d / "sslvpn-heartbeat.conf").write_text(sample(
-        "sslvpn-heartbeat.conf", **{'"siem.example.org"': f'"{collector}"',
-                                    "/var/log/sslvpn-heartbeat-unparsed.log": str(d / "unparsed.log")}))
-    conf = inputs + f'include(file="{d / "sslvpn-heartbeat.conf"}")\n'
-    return Rsyslog(ns, d, conf).start(sock), sock
-
-
-def received(path: Path) -> list[dict[str, Any]]:
-    """Every line the collector wrote, each parsed as one JSON object."""
-    if not path.exists():
-        return []
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        obj = json.loads(line)  # a line that is not JSON fails the test here
-        assert isinstance(obj, dict), f"line {n} is not an object: {line!r}"
-        out.append(obj)
-    return out
 
 
 def failover(svc: Service, agent: Agent) -> tuple[dict[str, Any], int]:

@@ -97,7 +97,9 @@ def test_package_layout_is_an_application(built: BuiltPackage) -> None:
                  f"{PRIVATE}/watcher/sources/__init__.py", f"{PRIVATE}/rules/model.py",
                  str(UNIT), str(INIT), str(DEFAULTS), "/etc/sslvpn-heartbeat/config.toml",
                  "/usr/share/man/man8/sslvpn-heartbeat.8.gz", "/etc/logrotate.d/sslvpn-heartbeat",
-                 "/usr/lib/tmpfiles.d/sslvpn-heartbeat.conf"):
+                 "/usr/lib/tmpfiles.d/sslvpn-heartbeat.conf",
+                 "/usr/share/doc/sslvpn-heartbeat/examples/rsyslog/sslvpn-heartbeat.conf",
+                 "/usr/share/doc/sslvpn-heartbeat/examples/rsyslog/collector.conf"):
         assert need in paths, f"{need} missing from the package"
     assert not [p for p in paths if "dist-packages" in p or p.startswith("/usr/bin/")]
     assert not [p for p in paths if "/tests/" in p or ".hypothesis" in p or "__pycache__" in p]

@@ -46,9 +46,10 @@ CACHE_DIR = Path(os.environ.get("SSLVPN_HEARTBEAT_TEST_CACHE", "/var/cache/sslvp
 SYSTEM_TOOLS = ("mmdebstrap", "systemd-nspawn", "nsenter", "tar")
 SUITE = "bookworm"
 # What a Debian 12 server of the manual has besides the package's own dependencies: systemd as
-# init, D-Bus, both iptables flavours, /etc/services (iptables -L prints port 8080 as http-alt).
+# init, D-Bus, both iptables flavours, /etc/services (iptables -L prints port 8080 as http-alt),
+# and rsyslog with RELP, which ships the events to a SIEM (packaging/rsyslog/).
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "iptables", "iproute2", "procps", "netbase",
-                 "sysvinit-utils", "python3")
+                 "sysvinit-utils", "python3", "rsyslog", "rsyslog-relp")
 # Changing how the tree is made below changes this, and with it the cache key.
 RECIPE = "mmdebstrap --variant=apt --format=tar --include=...; v1"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root",

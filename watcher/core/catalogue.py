@@ -68,6 +68,7 @@ class Event(enum.StrEnum):
     INTERNAL_ERROR = "internal-error", "process", "info", "failure"
     SINK_FAILED = "sink-failed", "host", "info", "failure"
     LOG_DROPPED = "log-dropped", "host", "info", "failure"
+    SINK_SKIPPED = "sink-skipped", "configuration", "info", "success"
     METRICS_WRITE_FAILED = "metrics-write-failed", "file", "change", "failure"
     METRICS_WRITE_RECOVERED = "metrics-write-recovered", "file", "change", "success"
     AGENT_CHECK_LISTEN = "agent-check-listen", "network", "start", "success"
