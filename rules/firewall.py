@@ -27,7 +27,7 @@ from rules.errors import (
     TransactionFailed,
 )
 from rules.iptc_backend import IptcBackend
-from rules.model import ChainSpec, Family, Mode
+from rules.model import BACKENDS, ChainSpec, Family, Mode
 from rules.nft_backend import NftBackend
 from rules.plan import (
     Plan,
@@ -42,8 +42,6 @@ from rules.plan import (
 from rules.restore import RestoreBackend
 
 __all__ = ["BACKENDS", "ApplyReport", "EventLog", "Firewall", "make_backend", "open_backend"]
-
-BACKENDS = ("auto", "restore", "iptc", "nft")
 
 
 class EventLog(Protocol):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from rules.errors import RuleError
 
 __all__ = [
+    "BACKENDS",
     "MAX_CHAIN_NAME",
     "ChainSpec",
     "Family",
@@ -29,6 +30,8 @@ _CHAIN_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _BUILTIN = frozenset({"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"})
 _TARGETS = frozenset({"ACCEPT", "DROP", "REJECT", "RETURN", "QUEUE", "LOG", "MARK", "NFQUEUE"})
 REJECT_CHOICES = ("icmp-port-unreachable", "tcp-reset")
+# How a chain may be written (rules.firewall.open_backend): the one list, the config checks it.
+BACKENDS = ("auto", "nft", "restore", "iptc")
 
 
 class Family(enum.StrEnum):

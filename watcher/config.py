@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rules.model import REJECT_CHOICES, RuleError, validate_chain_name
+from rules.model import BACKENDS, REJECT_CHOICES, RuleError, validate_chain_name
 from watcher.errors import ConfigError
 
 __all__ = [
@@ -31,7 +31,6 @@ __all__ = [
     "FACILITIES",
     "SCHEMA",
     "AgentCheckConfig",
-    "Backend",
     "Config",
     "FirewallConfig",
     "FleetConfig",
@@ -261,15 +260,6 @@ def _service_name_ok(s: str) -> bool:
 
 # ------------------------------------------------------------------ allowed values, declared once
 
-class Backend(enum.StrEnum):
-    """How the chain is written: ``auto`` picks by the host's iptables flavour."""
-
-    AUTO = "auto"
-    NFT = "nft"
-    RESTORE = "restore"
-    IPTC = "iptc"
-
-
 class OnExit(enum.StrEnum):
     """What SIGTERM does to the chain: empty it, leave it, or delete chain and jump."""
 
@@ -350,7 +340,7 @@ class FirewallConfig:
     """The chain the agent owns and how it is written."""
 
     chain: str = key("sslvpn-heartbeat-chain", _chain)
-    backend: Backend = key(Backend.AUTO, _choice(Backend, Backend))
+    backend: str = key("auto", _choice(BACKENDS))
     ipv6: bool = key(True, _bool)
     on_exit: OnExit = key(OnExit.OPEN, _choice(OnExit, OnExit))
     # tcp-reset: no gateway waits on a blocked server; icmp-port-unreachable: the original

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rules.model import BACKENDS
 from watcher.config import (
     MAX_CONFIG_BYTES,
     SCHEMA,
     AgentCheckConfig,
-    Backend,
     Config,
     FirewallConfig,
     FleetConfig,
@@ -551,12 +551,19 @@ def test_every_default_passes_its_own_check() -> None:
 
 def test_choices_are_the_enums_values() -> None:
     """backend, on_exit, log.format and log.level accept exactly their enum's values."""
-    for key, enum_cls in (("firewall.backend", Backend), ("firewall.on_exit", OnExit),
-                          ("log.format", LogFormat), ("log.level", LogLevel)):
+    for key, enum_cls in (("firewall.on_exit", OnExit), ("log.format", LogFormat),
+                          ("log.level", LogLevel)):
         assert sorted(GOOD[key]) == sorted(m.value for m in enum_cls)
         for member in enum_cls:
             section, name = key.split(".")
             assert getattr(getattr(parse_config(_nested(key, member.value)), section), name) is member
+
+
+def test_backend_choices_are_the_engines() -> None:
+    """firewall.backend accepts exactly the names rules.firewall.open_backend knows."""
+    assert sorted(GOOD["firewall.backend"]) == sorted(BACKENDS)
+    for name in BACKENDS:
+        assert parse_config(_nested("firewall.backend", name)).firewall.backend == name
 
 
 def test_for_reload_of_the_same_config_changes_nothing() -> None:
