@@ -149,7 +149,7 @@ def test_own_chain_left_behind_is_adopted(netns: Netns, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     saved = netns.save(4)
     assert saved.count(f"-A INPUT -j {chain}") == 1
-    assert ("--dport 8080 -j REJECT --reject-with icmp-port-unreachable" in saved
+    assert ("--dport 8080 -j REJECT --reject-with tcp-reset" in saved
             and "9443" not in saved), saved
     proc = agent(netns, tmp_path, chain, ["cleanup"])
     assert proc.returncode == 0, proc.stderr

@@ -168,11 +168,25 @@ def test_drain_keeps_established_sessions_and_refuses_new_ones(host: Host,
 
 
 def test_block_shows_the_manual_page_lines(host: Host) -> None:
-    """After `block`, `iptables -L` prints the chain exactly as the original manual page shows it."""
+    """With ``reject_with = "icmp-port-unreachable"``, `block` makes `iptables -L` print the chain
+    exactly as the original manual page shows it."""
+    cfg = host.config.read_text().replace("[firewall]\n",
+                                          '[firewall]\nreject_with = "icmp-port-unreachable"\n')
+    host.config.write_text(cfg)
     host.cli("block")
     assert host.listing(4) == MANUAL_BLOCKED
     v6 = host.listing(6)
     assert v6[2][-1] == "icmp6-port-unreachable"
+    host.cli("unblock")
+    assert host.listing(4) == MANUAL_BLOCKED[:2]
+
+
+def test_default_block_lists_tcp_reset(host: Host) -> None:
+    """The default configuration lists the manual's line with one difference, the reset:
+    ``reject-with tcp-reset`` for both families."""
+    host.cli("block")
+    assert host.listing(4) == [*MANUAL_BLOCKED[:2], [*MANUAL_BLOCKED[2][:-1], "tcp-reset"]]
+    assert host.listing(6)[2][-2:] == ["reject-with", "tcp-reset"]
     host.cli("unblock")
     assert host.listing(4) == MANUAL_BLOCKED[:2]
 
