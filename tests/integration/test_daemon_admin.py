@@ -191,3 +191,17 @@ def test_unblock_after_the_daemon_was_killed_opens_even_if_its_pid_is_taken(bed:
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_cleanup_refuses_while_an_agent_runs_and_removes_once_it_stopped(bed: AdminBed) -> None:
+    """cleanup asks the instance lock: with the agent running it exits 75 naming the agent's
+    PID and removes nothing (the agent would put the chain back); once the agent stopped, it
+    removes the chain and its jump in both families."""
+    bed.agent.start().wait_ready()
+    _, err = bed.cli("cleanup", code=75)
+    assert f"pid {bed.agent.pid}" in err and "nothing removed" in err, err
+    assert chain_view(bed.ns).open and chain_view(bed.ns, 6).open
+    assert bed.agent.stop() == 0
+    out, _ = bed.cli("cleanup")
+    assert out.startswith("removed chain"), out
+    assert not chain_view(bed.ns).present and not chain_view(bed.ns, 6).present

@@ -330,8 +330,15 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    """Remove our chain and its jump in both families."""
+    """Remove our chain and its jump in both families, unless an agent runs on the state
+    directory: it owns the chain and would put it back at once, so exit 75 naming it."""
     cfg, log, fw = _firewall_command(args)
+    agent = StateDir(cfg.state.dir).agent()  # asked of the instance lock, as unblock does
+    if agent is not None:
+        print(f"sslvpn-heartbeat: an agent (pid {agent.pid or 'unknown'}) is running with state "
+              f"directory {cfg.state.dir} and owns chain {cfg.firewall.chain}; stop it first "
+              "(systemctl stop sslvpn-heartbeat), then run cleanup; nothing removed", file=sys.stderr)
+        return EX_TEMPFAIL
     report = fw.remove()
     log.info(Event.FIREWALL_REMOVE, trigger="admin", families=[str(f) for f in report.changed])
     print(f"removed chain {cfg.firewall.chain} and its jump"
