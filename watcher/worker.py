@@ -58,7 +58,12 @@ class FirewallWorker:
     def close(self, *, stuck: bool) -> None:
         """Release the thread and the backend; ``stuck``: a change outlived the stop bound, so
         neither is waited for (the process ends anyway)."""
-        self._exec.shutdown(wait=not stuck)
-        if not stuck:
-            with contextlib.suppress(RulesError, RuntimeError):
-                self.firewall.close()
+        if stuck:
+            self._exec.shutdown(wait=False)
+            return
+        # Closed on the thread that used it: pyroute2 0.9 keeps a synchronous socket's event loop
+        # per thread and cannot run one here, on the thread of the daemon's running loop.
+        closed = self._exec.submit(self.firewall.close)
+        self._exec.shutdown(wait=True)
+        with contextlib.suppress(RulesError):
+            closed.result()
