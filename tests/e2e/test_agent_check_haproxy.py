@@ -23,7 +23,8 @@ from tests.agent import child_env
 from tests.netns import wait_for
 from tests.testbed.cluster import Cluster, Server, default_agent_config
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# once: HAProxy's health checks: no library version changes them
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 
 AGENT_PORT = 5555
 INTER = "100ms"

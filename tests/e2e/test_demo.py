@@ -16,7 +16,8 @@ import pytest
 from tests.netns import REPO
 from tests.testbed.fakesvc import pid_alive
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# once: the demo runs on Debian's venv (scripts/demo)
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 
 # The manual's line with the agent's default answer (reject_with = "tcp-reset").
 MANUAL_REJECT = re.compile(r"^REJECT +tcp +-- +anywhere +anywhere +tcp dpt:http-alt "

@@ -22,7 +22,8 @@ import pytest
 from tests.testbed.cluster import Cluster, default_agent_config
 from tests.testbed.scenario import FAILOVERS, ScenarioOutcome, run_scenario
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# once: HAProxy in front: no library version changes the outcome
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 
 MAX_BAD_PER_FAILOVER = 2
 KERNEL_TRIGGERS = {"pidfd", "inotify"}

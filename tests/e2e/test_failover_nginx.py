@@ -20,7 +20,8 @@ from tests.netns import REPO
 from tests.testbed.cluster import NGINX_BACKLOG, Cluster
 from tests.testbed.scenario import FAILOVERS, ScenarioOutcome, run_scenario
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# once: nginx in front: no library version changes the outcome
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 
 MAX_BAD_PER_FAILOVER = 2
 

@@ -20,7 +20,8 @@ from tests.testbed.fakesvc import pid_alive
 from tests.testbed.load import read_records, summarize
 from tests.testbed.scenario import FAILOVERS
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# once: no agent at all
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 
 
 def test_round_robin_spreads_requests_over_every_server(tmp_path: Path) -> None:

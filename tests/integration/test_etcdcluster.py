@@ -23,7 +23,8 @@ from tests.netns import Netns, wait_for
 from tests.testbed.cluster import Cluster
 from tests.testbed.fakesvc import pid_alive
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow]
+# once: the harness and Debian's etcd: no library of ours
+pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.once]
 
 
 def _b64(text: str) -> str:

@@ -28,7 +28,8 @@ from tests.packaging.debpkg import (
     unit_settings,
 )
 
-pytestmark = [pytest.mark.slow]
+# once: built with Debian's python3, whatever the venv
+pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 PRIVATE = Path("/usr/share/sslvpn-heartbeat")
 COMMAND = Path("/usr/sbin/sslvpn-heartbeat")
