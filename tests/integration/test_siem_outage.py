@@ -9,9 +9,12 @@ happen and the relay is restarted halfway; then the collector comes back. Events
 by event.id: RELP resends what was not acknowledged, so a redelivered copy is possible and a
 SIEM indexes by event.id; what must never happen is a missing number.
 
-The outage lasts 30 s, not the issue's minute: the relay's retry interval is 5 s, so 30 s is
-six failed reconnections and a restart with the queue on disk in between; a minute would only
-repeat them, and the whole file must stay within about 3 minutes.
+Why at least once and not exactly once: a Disk queue taking one event per transaction
+(queue.type="Disk", queue.dequeueBatchSize="1") sent no copy in the runs we made, but each event
+then waits for omrelp's corked write (about 0.2 s: a backlog drains at about 5 events a second)
+and a full spool disk loses every event even while the collector is up. The shipped
+disk-assisted memory queue loses nothing while the collector is up, whatever the disk, and may
+send the event held at a break twice, identical, under the same event.id.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ if not os.path.exists(RSYSLOGD):
     pytestmark.append(pytest.mark.skip(reason="rsyslog is not installed"))
 
 SERVER, COLLECTOR = "10.77.19.1", "10.77.19.2"
-OUTAGE_S = 30.0
+OUTAGE_S = 60.0
 FAILOVERS = 100
 NS = "sslvpn_heartbeat."
 
@@ -167,7 +170,7 @@ def by_id(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_collector_outage_and_relay_restart_lose_nothing(bed: Bed) -> None:
-    """100 failovers while the collector is stopped for 30 s, the relay restarted halfway:
+    """100 failovers while the collector is stopped for a minute, the relay restarted halfway:
     afterwards every event of the run is at the collector, numbered 1..N without a gap, each
     id once except RELP's redelivery of what was unacknowledged at a break (the same event,
     counted once by id); no failover waited for the collector."""
@@ -196,7 +199,7 @@ def test_collector_outage_and_relay_restart_lose_nothing(bed: Bed) -> None:
     # The agent lost nothing and knew it: no drop, no failing sink, not even at the restart.
     assert not [e for e in sent.values() if e["event.action"] in ("log-dropped", "sink-failed")]
     # No failover waited for the collector or the relay: each took far less than the relay's
-    # 5 s retry interval, let alone the 30 s outage (the figures are printed above).
+    # 5 s retry interval, let alone the minute's outage (the figures are printed above).
     assert max(during) < 5000.0, during
     assert sum(e["event.action"] == "firewall-block" for e in unique.values()) == FAILOVERS + 3
 
