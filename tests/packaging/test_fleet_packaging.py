@@ -89,6 +89,7 @@ def _value(scene: Scene, name: str, **labels: str) -> float | None:
 
 @pytest.mark.slow
 @pytest.mark.netns
+@pytest.mark.once  # the installed .deb runs Debian's python3, whatever the venv
 def test_installed_agent_metrics_reach_node_exporter_as_prometheus(
         metrics_scene: Scene) -> None:
     """Package + node_exporter: the agent (its own user) writes, node_exporter (prometheus) serves."""
@@ -129,6 +130,7 @@ def test_installed_agent_metrics_reach_node_exporter_as_prometheus(
 
 
 @pytest.mark.slow
+@pytest.mark.once  # the installed .deb, as above
 def test_purge_removes_the_metrics_and_the_link(installed: Installed) -> None:
     """After purge, node_exporter no longer serves the agent's last values."""
     installed.ensure()
