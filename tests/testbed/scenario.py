@@ -251,8 +251,13 @@ class BackendOutageOutcome:
         return self.window(self.down_at, self.up_at)
 
     def during_tail(self, fraction: float = 0.5, path: str | None = None) -> list[Record]:
-        """Requests sent in the last ``fraction`` of the outage (agents have decided by then)."""
-        return self.window(self.up_at - fraction * (self.up_at - self.down_at), self.up_at, path)
+        """Requests sent in the last ``fraction`` of the outage (agents have decided by then) and
+        answered before the back end came back: one still in flight at its return (a login that
+        HAProxy redispatched) may be answered by the returned back end, which is not what users
+        got during the outage."""
+        start = self.up_at - fraction * (self.up_at - self.down_at)
+        return [r for r in self.window(start, self.up_at, path)
+                if r.t + r.latency_ms / 1000 < self.up_at]
 
     @property
     def after(self) -> list[Record]:

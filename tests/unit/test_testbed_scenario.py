@@ -45,3 +45,13 @@ def test_outcome_windows_of_an_extra_load_use_its_own_records() -> None:
     assert [r.t for r in o.during] == [2.0]
     with pytest.raises(KeyError):
         o.window(0.0, 1.0, "/portal")
+
+
+def test_the_tail_leaves_out_a_request_answered_after_the_back_end_came_back() -> None:
+    """A request sent in the tail but answered after up_at (the returned back end answered it)
+    is not counted as what users got during the outage; one answered just before is."""
+    late = Record(0, 3.8, 3.8, 300.0, 200, "server4", "")  # answered at 4.1
+    early = Record(1, 3.8, 3.8, 150.0, 503, "", "")  # answered at 3.95
+    o = BackendOutageOutcome((late, early), 1.0, 4.0, 5.0, (), 0.5)
+    assert [r.i for r in o.during_tail(0.5)] == [1]
+    assert [r.i for r in o.during] == [0, 1]
